@@ -1,0 +1,22 @@
+"""lowbit: make large language models small, cheap and adaptable on ordinary hardware.
+
+``import lowbit`` needs only torch; transformers is imported when a model is built or loaded.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.formats.spec import QuantSpec  # noqa: E402
+from lowbit.io.checkpoint import load, save  # noqa: E402
+from lowbit.io.streaming import quantize_pretrained  # noqa: E402
+from lowbit.nn.quant_linear import QuantLinear  # noqa: E402
+from lowbit.quantize import quantize  # noqa: E402
+from lowbit.recipe import LayerOverride, QuantRecipe  # noqa: E402
+from lowbit.tensor import QuantizedWeight, quantize_tensor  # noqa: E402
+
+__all__ = [
+    "LayerOverride", "LowbitError", "QuantLinear", "QuantRecipe", "QuantSpec", "QuantizedWeight",
+    "__version__", "load", "quantize", "quantize_pretrained", "quantize_tensor", "save",
+]

@@ -1,0 +1,35 @@
+"""Typed errors. Every user-facing failure is a :class:`LowbitError` naming the file, field or layer."""
+
+from __future__ import annotations
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises for bad input (the CLI prints these without a traceback)."""
+
+
+class InvalidSpecError(LowbitError, ValueError):
+    """A quantization spec, recipe or option is invalid (unknown format/method, bits out of range, …)."""
+
+
+class ShapeError(LowbitError, ValueError):
+    """A tensor's shape does not fit the requested quantization (e.g. group size not dividing in_features)."""
+
+
+class InvalidWeightError(LowbitError, ValueError):
+    """A weight holds NaN/Inf values, or has an unsupported dtype."""
+
+
+class ModelNotFoundError(LowbitError, FileNotFoundError):
+    """A model path (directory, file or ``builtin:`` name) does not exist."""
+
+
+class CorruptFileError(LowbitError):
+    """A file exists but cannot be read: truncated/corrupt safetensors, invalid JSON, missing tensors."""
+
+
+class UnsupportedModelError(LowbitError):
+    """The model's architecture or layout is not supported by the requested operation."""
+
+
+class OutputExistsError(LowbitError, FileExistsError):
+    """The output path already exists and overwriting was not requested."""

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors + config.json with a versioned quantization_config."""

@@ -1,0 +1,162 @@
+"""Load and save models: float Hugging Face directories and lowbit quantized directories alike."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import CorruptFileError, UnsupportedModelError
+from lowbit.io.qconfig import QUANT_METHOD, make_quantization_config, parse_quantization_config
+from lowbit.io.safetensors_io import open_safetensors, weight_files
+from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
+from lowbit.models.build import build_empty_model, tied_parameter_names
+from lowbit.models.resolve import read_json, resolve_model_dir
+from lowbit.models.targets import linear_dims, set_submodule
+from lowbit.nn.quant_linear import QuantLinear
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
+_SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model directory (float Hugging Face, lowbit quantized, or ``builtin:NAME``).
+
+    Only safetensors and JSON are read. Float tensors are cast to ``dtype``; quantized tensors
+    keep their stored dtypes. The directory is remembered as ``model.lowbit_source``.
+    """
+    path = resolve_model_dir(ref)
+    config_path = path / "config.json"
+    config = read_json(config_path)
+    layer_specs, method = quantized_layers(config, str(config_path))
+    model = build_empty_model(config, str(config_path))
+    quantized_buffers = _install_quant_linears(model, layer_specs, str(config_path))
+    _load_weights(model, path, dtype, quantized_buffers)
+    model.lowbit_source = path  # type: ignore[attr-defined]
+    model.lowbit_method = method if layer_specs else None  # type: ignore[attr-defined]
+    return model.to(device).eval()
+
+
+def quantized_layers(config: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+    qcfg = config.get("quantization_config")
+    if not qcfg:
+        return {}, "none"
+    if qcfg.get("quant_method") != QUANT_METHOD:
+        raise UnsupportedModelError(f"{where}: quantization_config.quant_method {qcfg.get('quant_method')!r} is not "
+                                    "a lowbit checkpoint; lowbit reads float models and its own quantized ones")
+    return parse_quantization_config(qcfg, where)
+
+
+def _install_quant_linears(model: nn.Module, layer_specs: dict[str, Any], where: str) -> set[str]:
+    """Swap the named linear layers for empty (meta) QuantLinears; return their stored-tensor names."""
+    from lowbit.formats.codecs import stored_layout
+
+    names: set[str] = set()
+    for name, spec in layer_specs.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CorruptFileError(f"{where}: quantized module {name} does not exist in the model") from None
+        in_features, out_features = linear_dims(module)
+        layout = stored_layout(spec, (out_features, in_features))
+        tensors = {t: torch.empty(shape, dtype=dt, device="meta") for t, (shape, dt) in layout.items()}
+        qlinear = QuantLinear(in_features, out_features, spec, bias=getattr(module, "bias", None) is not None,
+                              tensors=tensors)
+        set_submodule(model, name, qlinear)
+        names.update(f"{name}.{t}" for t in layout)
+    return names
+
+
+def map_checkpoint_key(key: str, expected: set[str], prefix: str) -> str | None:
+    """Model state-dict name for a checkpoint key (adds/strips the base-model prefix if needed)."""
+    if key in expected:
+        return key
+    if prefix and f"{prefix}.{key}" in expected:
+        return f"{prefix}.{key}"
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+        return key[len(prefix) + 1:]
+    return None
+
+
+def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: set[str]) -> None:
+    expected = model.state_dict()
+    names = set(expected)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        with open_safetensors(file) as handle:
+            for key in handle.keys():
+                name = map_checkpoint_key(key, names, prefix)
+                if name is None:
+                    continue  # e.g. legacy attention-mask buffers; not part of the model
+                tensor = handle.get_tensor(key)
+                want = expected[name]
+                if tuple(tensor.shape) != tuple(want.shape):
+                    raise CorruptFileError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, the model "
+                                           f"expects {tuple(want.shape)}")
+                if name in quantized:
+                    if tensor.dtype != want.dtype:
+                        raise CorruptFileError(f"{file}: tensor {key} has dtype {tensor.dtype}, expected {want.dtype}")
+                elif tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state[name] = tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    for target, source in tied_parameter_names(model).items():
+        if target not in state:
+            _set_parameter(model, target, model.get_parameter(source))
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise CorruptFileError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}")
+
+
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, attr, param)
+
+
+def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, source_dir: str | Path | None = None,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``model`` (float or quantized) as safetensors + config.json (+ tokenizer files).
+
+    Tokenizer and other non-weight files are copied from ``source_dir`` (default: the directory the
+    model was loaded from). The output appears atomically; nothing half-written is left on error.
+    """
+    out = Path(out)
+    source = Path(source_dir) if source_dir is not None else getattr(model, "lowbit_source", None)
+    tied = tied_parameter_names(model)
+    layer_specs = {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        state = model.state_dict()
+        for name, tensor in state.items():
+            source_tensor = state.get(tied.get(name, ""))
+            if source_tensor is not None and source_tensor.data_ptr() == tensor.data_ptr():
+                continue  # tied copy: restored from its source on load
+            writer.add(name, tensor)
+        writer.finish()
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        if not config.get("architectures"):
+            config["architectures"] = [type(model).__name__]
+        if layer_specs:
+            config["quantization_config"] = make_quantization_config(layer_specs, getattr(model, "lowbit_method", None) or "rtn")
+        write_json(tmp / "config.json", config)
+        if source is not None:
+            copy_aux_files(Path(source), tmp)
+    return out
+
+
+def copy_aux_files(source: Path, dest: Path) -> None:
+    """Copy tokenizer files and other non-weight files (sentence-transformers modules too)."""
+    for item in source.iterdir():
+        if item.name in _SKIP_FILES or item.name.startswith(".") or item.suffix in _WEIGHT_SUFFIXES:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name, ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)))
+        else:
+            shutil.copy2(item, dest / item.name)

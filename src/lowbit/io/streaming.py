@@ -1,0 +1,120 @@
+"""Quantize a checkpoint straight from its safetensors shards, one tensor at a time.
+
+The float model is never materialised: the architecture is built with meta parameters (to learn
+which tensors are linear weights and their module types), then each checkpoint tensor is read
+(memory-mapped), quantized or passed through, and handed to a shard writer that flushes every
+``max_shard_bytes``. Peak memory ≈ one shard of output + the largest tensor + fixed overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import CorruptFileError, UnsupportedModelError
+from lowbit.eval.size import SizeReport
+from lowbit.io.checkpoint import copy_aux_files, map_checkpoint_key, quantized_layers
+from lowbit.io.qconfig import make_quantization_config
+from lowbit.io.safetensors_io import open_safetensors, weight_files
+from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
+from lowbit.models.build import build_empty_model
+from lowbit.models.resolve import read_json, resolve_model_dir
+from lowbit.models.targets import counted_linear_names, is_conv1d, select_targets
+from lowbit.progress import progress
+from lowbit.formats.spec import QuantSpec
+from lowbit.recipe import QuantRecipe, as_recipe
+from lowbit.tensor import QuantizedWeight, check_finite
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    layers_quantized: int
+    size: SizeReport
+    seconds: float
+    layer_specs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "layers_quantized": self.layers_quantized,
+            "bits_per_weight": round(self.size.bits_per_weight, 4),
+            "size_bytes": self.size.size_bytes,
+            "params": self.size.params,
+            "linear_weight_bytes": self.size.linear_bytes,
+            "linear_params": self.size.linear_params,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRecipe | dict[str, Any], out: str | Path, *, overwrite: bool = False,
+                        show_progress: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> QuantizeResult:
+    """Quantize the model at ``source`` (HF dir or ``builtin:NAME``) into a lowbit directory ``out``."""
+    start = time.perf_counter()
+    recipe = as_recipe(spec_or_recipe)
+    src = resolve_model_dir(source)
+    config_path = src / "config.json"
+    config = read_json(config_path)
+    if quantized_layers(config, str(config_path))[0]:
+        raise UnsupportedModelError(f"{src}: is already quantized by lowbit; quantize the float model instead")
+    model = build_empty_model(config, str(config_path))
+    targets = select_targets(model, recipe)
+    if not targets:
+        raise UnsupportedModelError(f"{src}: the recipe selects no linear layer to quantize (skip={list(recipe.skip)}, "
+                                    f"include={recipe.include})")
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    counted = set(counted_linear_names(model))
+    size = SizeReport()
+    files = weight_files(src)
+    done: set[str] = set()
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for file in files:
+            with open_safetensors(file) as handle:
+                keys = list(handle.keys())
+                for key in progress(keys, desc=f"quantize {file.name}", enabled=show_progress, unit="tensor"):
+                    name = map_checkpoint_key(key, expected, prefix)
+                    if name is None:
+                        continue
+                    module_name, _, attr = name.rpartition(".")
+                    tensor = handle.get_tensor(key)
+                    if module_name in targets and attr == "weight":
+                        weight = tensor.float()
+                        if is_conv1d(modules[module_name]):
+                            weight = weight.t()
+                        qw = QuantizedWeight.from_float(weight, targets[module_name], module_name)
+                        for tname, t in qw.tensors.items():
+                            writer.add(f"{module_name}.{tname}", t)
+                        _account(size, qw.numel, qw.nbytes, module_name in counted, True)
+                        done.add(module_name)
+                        del weight, qw
+                    else:
+                        check_finite(tensor, name)
+                        writer.add(name, tensor)
+                        nbytes = tensor.numel() * tensor.element_size()
+                        _account(size, tensor.numel(), nbytes, module_name in counted and attr == "weight",
+                                 name in params and tensor.is_floating_point())
+                    del tensor
+        missing = sorted(set(targets) - done)
+        if missing:
+            raise CorruptFileError(f"{src}: checkpoint has no weight for layer(s) {', '.join(missing[:5])}")
+        writer.finish()
+        config.pop("quantization_config", None)
+        config["quantization_config"] = make_quantization_config(targets, recipe.method, {"source": str(source)})
+        write_json(tmp / "config.json", config)
+        copy_aux_files(src, tmp)
+    return QuantizeResult(Path(out), len(targets), size, time.perf_counter() - start, targets)
+
+
+def _account(size: SizeReport, numel: int, nbytes: int, counted: bool, is_param: bool) -> None:
+    size.size_bytes += nbytes
+    if is_param:
+        size.params += numel
+    if counted:
+        size.linear_params += numel
+        size.linear_bytes += nbytes

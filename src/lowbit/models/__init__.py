@@ -1,0 +1,1 @@
+"""Finding, building and loading models: HF directories, lowbit directories, ``builtin:`` models."""

@@ -1,0 +1,50 @@
+"""Turn a model reference (``builtin:NAME``, a directory) into a checked directory path."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import CorruptFileError, ModelNotFoundError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {"tiny-lm": "tiny-lm"}  # name → folder under lowbit/data/
+
+
+def builtin_dir(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise ModelNotFoundError(f"unknown built-in model {BUILTIN_PREFIX}{name}; available: "
+                                 + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
+    path = Path(str(resources.files("lowbit") / "data" / BUILTIN_MODELS[name]))
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"built-in model {BUILTIN_PREFIX}{name} is missing from the installation ({path})")
+    return path
+
+
+def resolve_model_dir(ref: str | Path) -> Path:
+    """Directory holding ``config.json`` for ``ref`` (a ``builtin:`` name or a path)."""
+    text = str(ref)
+    if text.startswith(BUILTIN_PREFIX):
+        return builtin_dir(text[len(BUILTIN_PREFIX):])
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: no such file or directory (expected a model directory or builtin:tiny-lm)")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path}: is a file; expected a model directory holding config.json and *.safetensors")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path}: no config.json found; expected a Hugging Face or lowbit model directory")
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object at the top level")
+    return data

@@ -1,0 +1,59 @@
+"""Which modules are linear layers, and which of them a recipe quantizes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowbit.models.build import output_head_name, tied_parameter_names
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.recipe import QuantRecipe
+from lowbit.formats.spec import QuantSpec
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight [in, out])."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, QuantLinear)) or is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Conv1D or QuantLinear."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.nf)
+    return int(module.in_features), int(module.out_features)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name and is_linear(m)}
+
+
+def select_targets(model: nn.Module, recipe: QuantRecipe) -> dict[str, QuantSpec]:
+    """{module name: spec} of the float linear layers ``recipe`` quantizes.
+
+    Layers whose weight is tied to another parameter (an lm_head sharing the embedding) are left
+    alone: quantizing one would silently untie them.
+    """
+    tied_modules = {t.rsplit(".", 1)[0] for t in tied_parameter_names(model)}
+    targets = {}
+    for name, module in linear_modules(model).items():
+        if isinstance(module, QuantLinear) or name in tied_modules:
+            continue
+        spec = recipe.spec_for(name)
+        if spec is not None:
+            targets[name] = spec
+    return targets
+
+
+def counted_linear_names(model: nn.Module) -> list[str]:
+    """Linear layers counted in ``bits_per_weight``: every linear layer except the output head."""
+    head = output_head_name(model)
+    return [n for n in linear_modules(model) if n != head]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,131 @@
+"""Declarative quantization recipe: a default spec, name patterns to skip/include, per-layer overrides.
+
+Patterns match a module's dotted name when the pattern equals the name, equals a trailing part of
+it (``q_proj`` matches ``model.layers.0.self_attn.q_proj``), or matches it entirely as a regular
+expression (``model\\.layers\\.[0-3]\\..*``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import InvalidSpecError
+from lowbit.formats.spec import QuantSpec
+
+METHODS = ("rtn",)
+DEFAULT_SKIP = ("lm_head",)
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    if pattern == name or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Layers matching ``pattern`` use ``spec`` instead of the default (``None``: keep them float)."""
+
+    pattern: str
+    spec: QuantSpec | None
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    default: QuantSpec
+    method: str = "rtn"
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    include: tuple[str, ...] | None = None
+    overrides: tuple[LayerOverride, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidSpecError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        for pattern in (*self.skip, *(self.include or ()), *(o.pattern for o in self.overrides)):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InvalidSpecError(f"invalid layer pattern {pattern!r}: {exc}") from None
+
+    def spec_for(self, name: str) -> QuantSpec | None:
+        """The spec layer ``name`` is quantized with, or None to leave it in float."""
+        for override in self.overrides:
+            if name_matches(override.pattern, name):
+                return override.spec
+        if any(name_matches(p, name) for p in self.skip):
+            return None
+        if self.include is not None and not any(name_matches(p, name) for p in self.include):
+            return None
+        return self.default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "default": self.default.to_dict(),
+            "skip": list(self.skip),
+            "include": None if self.include is None else list(self.include),
+            "overrides": [{"pattern": o.pattern, "spec": None if o.spec is None else o.spec.to_dict()}
+                          for o in self.overrides],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "QuantRecipe":
+        allowed = {"method", "default", "skip", "include", "overrides"}
+        if not isinstance(data, dict):
+            raise InvalidSpecError(f"{where}: expected an object")
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise InvalidSpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        if "default" not in data:
+            raise InvalidSpecError(f"{where}: missing 'default' spec")
+        overrides = []
+        for i, item in enumerate(data.get("overrides") or []):
+            if not isinstance(item, dict) or set(item) - {"pattern", "spec"} or "pattern" not in item:
+                raise InvalidSpecError(f"{where}: overrides[{i}] must be {{'pattern': str, 'spec': spec or null}}")
+            spec = item.get("spec")
+            overrides.append(LayerOverride(str(item["pattern"]),
+                                           None if spec is None else QuantSpec.from_dict(spec, f"{where}: overrides[{i}].spec")))
+        include = data.get("include")
+        return cls(
+            default=QuantSpec.from_dict(data["default"], f"{where}: default"),
+            method=data.get("method", "rtn"),
+            skip=tuple(data.get("skip", DEFAULT_SKIP)),
+            include=None if include is None else tuple(include),
+            overrides=tuple(overrides),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantRecipe":
+        """Read a recipe from a JSON or YAML file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidSpecError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - JSON and YAML raise different types
+            raise InvalidSpecError(f"{path}: cannot parse recipe ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def as_recipe(spec_or_recipe: QuantSpec | QuantRecipe | dict[str, Any]) -> QuantRecipe:
+    if isinstance(spec_or_recipe, QuantRecipe):
+        return spec_or_recipe
+    if isinstance(spec_or_recipe, QuantSpec):
+        return QuantRecipe(default=spec_or_recipe)
+    if isinstance(spec_or_recipe, dict):
+        return QuantRecipe.from_dict(spec_or_recipe)
+    raise InvalidSpecError(f"expected a QuantSpec, QuantRecipe or dict, got {type(spec_or_recipe).__name__}")
