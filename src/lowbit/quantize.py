@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.formats.spec import QuantSpec
-from lowbit.models.targets import select_targets, set_submodule
+from lowbit.models.targets import check_target_shapes, select_targets, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.recipe import QuantRecipe, as_recipe
@@ -27,6 +27,7 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
     """
     recipe = as_recipe(spec_or_recipe)
     targets = select_targets(model, recipe)
+    check_target_shapes(model, targets)
     for name in progress(targets, desc="quantize", enabled=show_progress, unit="layer"):
         module = model.get_submodule(name)
         device = module.weight.device

@@ -109,9 +109,10 @@ def double_quantize(scales: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
 
 
 def double_dequantize(codes: torch.Tensor, block_scale: torch.Tensor, offset: torch.Tensor, block: int) -> torch.Tensor:
-    m = codes.numel()
+    flat = codes.reshape(-1).float()
+    m = flat.numel()
     pad = (-m) % block
-    c = torch.cat([codes.float(), codes.new_zeros(pad, dtype=torch.float32)]).reshape(-1, block)
+    c = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, block)
     return (c * block_scale.unsqueeze(1)).reshape(-1)[:m] + offset
 
 

@@ -21,7 +21,7 @@ from lowbit.io.safetensors_io import open_safetensors, weight_files
 from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
 from lowbit.models.build import build_empty_model
 from lowbit.models.resolve import read_json, resolve_model_dir
-from lowbit.models.targets import counted_linear_names, is_conv1d, select_targets
+from lowbit.models.targets import check_target_shapes, counted_linear_names, is_conv1d, select_targets
 from lowbit.progress import progress
 from lowbit.formats.spec import QuantSpec
 from lowbit.recipe import QuantRecipe, as_recipe
@@ -64,6 +64,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     if not targets:
         raise UnsupportedModelError(f"{src}: the recipe selects no linear layer to quantize (skip={list(recipe.skip)}, "
                                     f"include={recipe.include})")
+    check_target_shapes(model, targets)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     expected = set(model.state_dict())

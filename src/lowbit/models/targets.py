@@ -57,3 +57,15 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def check_target_shapes(model: nn.Module, targets: dict[str, QuantSpec]) -> None:
+    """Fail before any work if a spec's group size does not divide a target layer's input dimension."""
+    from lowbit.errors import ShapeError
+
+    for name, spec in targets.items():
+        in_features, out_features = linear_dims(model.get_submodule(name))
+        if spec.granularity == "group" and in_features % spec.group_size:
+            raise ShapeError(f"{name}: group_size {spec.group_size} does not divide the input dimension {in_features} "
+                             f"(weight {out_features}×{in_features}); choose a group size that divides {in_features}, "
+                             "or skip this layer")

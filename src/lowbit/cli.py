@@ -1,0 +1,268 @@
+"""The ``lowbit`` command line: quantize | eval | info | demo.
+
+With ``--json`` the last line on stdout is one JSON object; user errors print one line on stderr
+and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from lowbit.errors import InvalidSpecError, LowbitError
+
+FORMAT_CHOICES = ("int", "nf4", "fp4", "fp8", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
+METHOD_CHOICES = ("rtn",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate and inspect language models.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model's linear layers and save it",
+                       description="Quantize MODEL (HF directory, lowbit directory or builtin:tiny-lm) into OUT, "
+                                   "streaming from its safetensors shards one tensor at a time.")
+    q.add_argument("model", help="model directory or builtin:tiny-lm")
+    q.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --overwrite)")
+    q.add_argument("--method", default="rtn", choices=METHOD_CHOICES, help="algorithm (default: rtn, round-to-nearest)")
+    q.add_argument("--format", default=None, choices=FORMAT_CHOICES, help="number format (default: int)")
+    q.add_argument("--bits", type=int, default=None, help="integer bits: 2, 3, 4, 5, 6 or 8 (default: 4)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale group (default: 128 for int, 64 for nf4/fp4, per-channel for fp8); "
+                        "0 = per output channel, -1 = per tensor")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="symmetric (zero-point 0)")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric: scale + zero-point (default)")
+    q.add_argument("--double-quant", action="store_true", help="8-bit quantize the scales (blocks of 256)")
+    q.add_argument("--scale-dtype", default=None, choices=("float16", "bfloat16", "float32"))
+    q.add_argument("--skip", action="append", default=None, metavar="PATTERN",
+                   help="keep matching layers in float (repeatable; default: lm_head)")
+    q.add_argument("--include", action="append", default=None, metavar="PATTERN",
+                   help="quantize only matching layers (repeatable)")
+    q.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS",
+                   help="mixed precision: matching layers use BITS instead (repeatable, int format)")
+    q.add_argument("--recipe", default=None, help="JSON/YAML recipe (default spec, skip, include, overrides)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    _common(q)
+
+    e = sub.add_parser("eval", help="size, bits per weight, perplexity, embedding similarity")
+    e.add_argument("model", help="model directory or builtin:tiny-lm")
+    e.add_argument("--ppl", nargs="?", const="builtin", default=None, metavar="TEXTFILE",
+                   help="perplexity on TEXTFILE (no value: the built-in held-out text)")
+    e.add_argument("--seq-len", type=int, default=256, help="perplexity window in tokens (default 256)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--similarity", nargs="?", const="builtin", default=None, metavar="TEXTFILE",
+                   help="mean cosine of sentence embeddings vs --reference, one sentence per line "
+                        "(no value: lines of the built-in held-out text)")
+    e.add_argument("--reference", default=None,
+                   help="float model for --similarity (default: the model this one was quantized from)")
+    _common(e)
+
+    i = sub.add_parser("info", help="describe a model directory without loading its weights")
+    i.add_argument("path")
+    _common(i)
+
+    d = sub.add_parser("demo", help="quantize the built-in LM to int8 / int4 / nf4 and compare")
+    d.add_argument("--seq-len", type=int, default=256)
+    _common(d)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _version() -> str:
+    from lowbit import __version__
+
+    return f"lowbit {__version__}"
+
+
+# ---- commands ----------------------------------------------------------------------------
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.io.streaming import quantize_pretrained
+
+    recipe = recipe_from_args(args)
+    result = quantize_pretrained(args.model, recipe, args.out, overwrite=args.overwrite, show_progress=not args.quiet)
+    summary = result.to_dict()
+    summary["spec"] = recipe.default.describe()
+    if not args.json:
+        print(f"quantized {result.layers_quantized} layers of {args.model} with {recipe.method} "
+              f"{recipe.default.describe()} in {result.seconds:.1f} s")
+        print(f"  bits per weight (linear layers): {result.size.bits_per_weight:.3f}")
+        print(f"  stored size: {result.size.size_bytes / 1e6:.2f} MB  →  {result.out}")
+    return summary
+
+
+def recipe_from_args(args: argparse.Namespace) -> Any:
+    from lowbit.formats.spec import QuantSpec
+    from lowbit.recipe import DEFAULT_SKIP, LayerOverride, QuantRecipe
+
+    spec_flags = [args.format, args.bits, args.group_size, args.symmetric, args.scale_dtype]
+    if args.recipe:
+        if any(v is not None for v in spec_flags) or args.double_quant or args.layer_bits:
+            raise InvalidSpecError("--recipe gives the spec; do not combine it with --format/--bits/--group-size/"
+                                   "--sym/--asym/--double-quant/--scale-dtype/--layer-bits")
+        recipe = QuantRecipe.load(args.recipe)
+        if args.skip or args.include:
+            recipe = QuantRecipe(recipe.default, recipe.method, tuple(args.skip or recipe.skip),
+                                 tuple(args.include) if args.include else recipe.include, recipe.overrides)
+        return recipe
+    fmt = args.format or "int"
+    if fmt != "int" and args.bits not in (None, {"nf4": 4, "fp4": 4, "fp16": 16, "bf16": 16}.get(fmt, 8)):
+        raise InvalidSpecError(f"--bits {args.bits} does not apply to --format {fmt}")
+    default_group = {"int": 128, "nf4": 64, "fp4": 64}.get(fmt, 0)
+    group = default_group if args.group_size is None else args.group_size
+    if group < -1:
+        raise InvalidSpecError(f"--group-size must be ≥ 1, 0 (per channel) or -1 (per tensor); got {group}")
+    granularity = {0: "channel", -1: "tensor"}.get(group, "group")
+    kwargs: dict[str, Any] = {"format": fmt, "granularity": granularity, "group_size": group if group > 0 else None,
+                              "double_quant": args.double_quant}
+    if fmt == "int":
+        kwargs["bits"] = 4 if args.bits is None else args.bits
+        kwargs["symmetric"] = False if args.symmetric is None else args.symmetric
+    kwargs["scale_dtype"] = args.scale_dtype or ("float32" if fmt.startswith("fp8") else "float16")
+    default = QuantSpec(**kwargs)
+    overrides = []
+    for item in args.layer_bits:
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.isdigit():
+            raise InvalidSpecError(f"--layer-bits expects PATTERN=BITS, got {item!r}")
+        if fmt != "int":
+            raise InvalidSpecError("--layer-bits needs --format int")
+        overrides.append(LayerOverride(pattern, default.replace(bits=int(bits))))
+    return QuantRecipe(default, args.method, tuple(args.skip) if args.skip else DEFAULT_SKIP,
+                       tuple(args.include) if args.include else None, tuple(overrides))
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.eval.size import model_size
+    from lowbit.io.checkpoint import load
+
+    model = load(args.model)
+    summary: dict[str, Any] = {"model": args.model, **model_size(model).to_dict()}
+    if args.ppl is not None:
+        summary.update(_eval_ppl(model, args))
+    if args.similarity is not None:
+        summary.update(_eval_similarity(model, args))
+    if not args.json:
+        print(f"{args.model}")
+        for key in ("params", "size_bytes", "bits_per_weight", "ppl", "tokens", "cosine", "sentences"):
+            if key in summary:
+                print(f"  {key:<16} {summary[key]}")
+    return summary
+
+
+def _tokenizer(model: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    source = model.lowbit_source
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"{source}: cannot load a tokenizer from this directory ({exc})") from None
+
+
+def _eval_ppl(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.eval.perplexity import perplexity, read_text, tokenize_text
+    from lowbit.models.resolve import builtin_dir
+
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise LowbitError(f"{args.model}: --ppl needs a causal language model; this one has no LM head "
+                          "(use --similarity for encoders)")
+    path = builtin_dir("tiny-lm") / "eval.txt" if args.ppl == "builtin" else Path(args.ppl)
+    ids = tokenize_text(_tokenizer(model), read_text(path))
+    result = perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size, show_progress=not args.quiet)
+    return {"ppl": round(result.ppl, 4), "tokens": result.tokens, "seq_len": result.seq_len, "ppl_text": str(path)}
+
+
+def _eval_similarity(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.eval.perplexity import read_text
+    from lowbit.eval.similarity import embedding_similarity
+    from lowbit.io.checkpoint import load
+    from lowbit.models.resolve import builtin_dir, read_json
+
+    reference = args.reference
+    if reference is None:
+        qcfg = read_json(Path(model.lowbit_source) / "config.json").get("quantization_config") or {}
+        reference = qcfg.get("source")
+        if reference is None:
+            raise LowbitError(f"{args.model}: --similarity needs --reference (the float model to compare with)")
+    path = builtin_dir("tiny-lm") / "eval.txt" if args.similarity == "builtin" else Path(args.similarity)
+    sentences = [line.strip() for line in read_text(path).splitlines() if len(line.strip()) > 20][:512]
+    if not sentences:
+        raise InvalidSpecError(f"{path}: no sentences (lines longer than 20 characters) to embed")
+    ref_model = load(reference)
+    cosine = embedding_similarity(model, ref_model, _tokenizer(model), sentences, show_progress=not args.quiet)
+    return {"cosine": round(cosine, 6), "sentences": len(sentences), "reference": str(reference)}
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.info import describe
+
+    info = describe(args.path)
+    if not args.json:
+        for key, value in info.items():
+            if key != "spec_counts":
+                print(f"{key:<20} {value}")
+        for spec, count in info.get("spec_counts", {}).items():
+            print(f"  {count:>4} × {spec}")
+    return info
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.demo import format_table, run_demo
+
+    start = time.perf_counter()
+    rows = run_demo(seq_len=args.seq_len, show_progress=not args.quiet)
+    if not args.json:
+        print("lowbit demo — builtin:tiny-lm, perplexity on its held-out text "
+              f"({args.seq_len}-token windows)\n")
+        print(format_table(rows))
+        print(f"\n{time.perf_counter() - start:.1f} s")
+    return {"rows": [r.to_dict() for r in rows], "seconds": round(time.perf_counter() - start, 3)}
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        summary = COMMANDS[args.command](args)
+    except LowbitError as exc:
+        print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
