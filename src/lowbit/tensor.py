@@ -100,17 +100,22 @@ def quantize_tensor(weight: torch.Tensor, spec: QuantSpec, name: str = "weight")
     return QuantizedWeight.from_float(weight, spec, name)
 
 
+_FINITE_CHUNK = 1 << 22
+
+
 def check_finite(weight: torch.Tensor, name: str) -> None:
     """Raise :class:`InvalidWeightError` naming ``name`` if ``weight`` holds NaN or Inf."""
-    if weight.is_floating_point() and not torch.isfinite(weight).all():
-        bad = (~torch.isfinite(weight)).sum().item()
-        kinds = []
-        if torch.isnan(weight).any():
-            kinds.append("NaN")
-        if torch.isinf(weight).any():
-            kinds.append("Inf")
-        raise InvalidWeightError(f"{name}: weight contains {'/'.join(kinds)} ({bad} of {weight.numel()} values); "
-                                 "refusing to quantize it")
+    if not weight.is_floating_point():
+        return
+    # chunked: torch.isfinite on a whole embedding matrix would transiently cost ~2x its size
+    flat = weight.reshape(-1)
+    if all(torch.isfinite(chunk).all() for chunk in flat.split(_FINITE_CHUNK)):
+        return
+    bad = sum((~torch.isfinite(chunk)).sum().item() for chunk in flat.split(_FINITE_CHUNK))
+    kinds = [kind for kind, test in (("NaN", torch.isnan), ("Inf", torch.isinf))
+             if any(test(chunk).any() for chunk in flat.split(_FINITE_CHUNK))]
+    raise InvalidWeightError(f"{name}: weight contains {'/'.join(kinds)} ({bad} of {weight.numel()} values); "
+                             "refusing to quantize it")
 
 
 def _as_2d(weight: torch.Tensor, name: str) -> torch.Tensor:

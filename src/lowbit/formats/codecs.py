@@ -41,6 +41,9 @@ def encode(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Tenso
     x = P.grouped(w, spec, name)
     if spec.format == "int":
         scale, zero = P.choose_qparams(x, spec.bits, spec.symmetric)
+        scale = _load_scale(_store_scale(scale, spec), spec, scale.shape)  # the scale as it will be stored
+        if not spec.symmetric:
+            zero = P.zero_from_scale(x, scale, spec.bits)
         return encode_int(w, spec, scale, zero, name)
     if spec.format in ("nf4", "fp4"):
         absmax = x.abs().amax(dim=-1)

@@ -4,7 +4,7 @@ Layout (little-endian within a group of 8 codes): every 8 consecutive codes of `
 occupy exactly ``bits`` bytes; code ``i`` of the group sits at bit offset ``i * bits`` of that
 little-endian ``8 * bits``-bit word. For 4 bits this is the usual nibble packing (code 2j in the
 low nibble of byte j), for 2 bits four codes per byte from the low bits up, for 8 bits identity.
-Rows are padded with zero codes up to a multiple of 8 codes.
+Rows of fewer-than-8-bit codes are padded with zero codes up to a multiple of 8 codes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ _ROW_CHUNK = 4096  # rows processed at once by the generic path (bounds the int6
 
 
 def packed_row_bytes(num_codes: int, bits: int) -> int:
-    """Bytes one row of ``num_codes`` codes takes when packed."""
+    """Bytes one row of ``num_codes`` codes takes when packed (8-bit codes are stored as is, unpadded)."""
+    if bits == 8:
+        return num_codes
     return (num_codes + 7) // 8 * bits
 
 

@@ -69,6 +69,12 @@ def choose_qparams(x: torch.Tensor, bits: int, symmetric: bool, eps: float = 1e-
     return scale, zero
 
 
+def zero_from_scale(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric zero-point [R, G] for groups ``x`` [R, G, g] given the (stored) scale."""
+    xmin = x.amin(dim=-1).clamp(max=0)
+    return torch.round(-xmin / scale).clamp(0, (1 << bits) - 1)
+
+
 def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """``q = clamp(round(x/S + Z))`` → integer codes [R, G, g] as float (signed when symmetric)."""
     qmin, qmax = int_range(bits, symmetric)
@@ -104,7 +110,8 @@ def double_quantize(scales: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     pad = (-m) % block
     padded = torch.cat([centered, centered.new_zeros(pad)]).reshape(-1, block)
     block_scale = (padded.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    codes = torch.round(padded / block_scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8).reshape(-1)[:m]
+    # round *up*: a decoded scale is never smaller than the true one, so no value ever clips
+    codes = torch.ceil(padded / block_scale.unsqueeze(1) - 1e-6).clamp(-127, 127).to(torch.int8).reshape(-1)[:m]
     return codes, block_scale, offset
 
 

@@ -50,3 +50,19 @@ def open_safetensors(path: Path) -> Iterator[Any]:
         raise CorruptFileError(f"{path}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
     except OSError as exc:
         raise CorruptFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def stream_tensors(path: Path) -> Iterator[tuple[list[str], Any]]:
+    """(keys, get) for one file, reading each tensor with positional reads instead of mmap.
+
+    The file is validated by ``safe_open`` first (typed errors for corrupt files); memory then
+    holds only the tensor being processed, whatever the shard size.
+    """
+    from lowbit.io.st_format import read_header, read_tensor
+
+    with open_safetensors(path) as handle:
+        keys = list(handle.keys())
+    header, data_start = read_header(path)
+    with open(path, "rb") as f:
+        yield keys, lambda key: read_tensor(f, header[key], data_start)

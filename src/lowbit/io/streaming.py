@@ -17,7 +17,7 @@ from lowbit.errors import CorruptFileError, UnsupportedModelError
 from lowbit.eval.size import SizeReport
 from lowbit.io.checkpoint import copy_aux_files, map_checkpoint_key, quantized_layers
 from lowbit.io.qconfig import make_quantization_config
-from lowbit.io.safetensors_io import open_safetensors, weight_files
+from lowbit.io.safetensors_io import stream_tensors, weight_files
 from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
 from lowbit.models.build import build_empty_model
 from lowbit.models.resolve import read_json, resolve_model_dir
@@ -76,14 +76,13 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for file in files:
-            with open_safetensors(file) as handle:
-                keys = list(handle.keys())
+            with stream_tensors(file) as (keys, get_tensor):
                 for key in progress(keys, desc=f"quantize {file.name}", enabled=show_progress, unit="tensor"):
                     name = map_checkpoint_key(key, expected, prefix)
                     if name is None:
                         continue
                     module_name, _, attr = name.rpartition(".")
-                    tensor = handle.get_tensor(key)
+                    tensor = get_tensor(key)
                     if module_name in targets and attr == "weight":
                         weight = tensor.float()
                         if is_conv1d(modules[module_name]):

@@ -14,6 +14,7 @@ import torch
 
 from lowbit.errors import OutputExistsError
 from lowbit.io.safetensors_io import INDEX_NAME, SINGLE_NAME
+from lowbit.io.st_format import StreamingFile
 
 DEFAULT_SHARD_BYTES = 1 << 30
 
@@ -50,46 +51,42 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 class ShardWriter:
-    """Collects tensors and writes them as safetensors shards of about ``max_shard_bytes``.
+    """Writes tensors as safetensors shards of about ``max_shard_bytes``, streaming them to disk.
 
-    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors``
-    with a Hugging Face style ``model.safetensors.index.json``.
+    Each tensor's bytes go to disk as soon as it is added, so memory stays at one tensor whatever
+    the model size. One shard is written as ``model.safetensors``; several as
+    ``model-0000i-of-0000n.safetensors`` with a Hugging Face style ``model.safetensors.index.json``.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._current: StreamingFile | None = None
         self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
+        if name in self._names:
             raise ValueError(f"tensor {name} written twice")
-        t = tensor.detach().to("cpu").contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # a view into a larger buffer: safetensors stores whole, unshared tensors
-        nbytes = t.numel() * t.element_size()
-        self._pending[name] = t
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-        if self._pending_bytes >= self.max_shard_bytes:
-            self._flush()
+        self._names.add(name)
+        if self._current is None:
+            path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
+            self._current = StreamingFile(path)
+            self._shards.append((path, []))
+        self._current.add(name, tensor)
+        self._shards[-1][1].append(name)
+        self.total_bytes += tensor.numel() * tensor.element_size()
+        if self._current.nbytes >= self.max_shard_bytes:
+            self._close_current()
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        from safetensors.torch import save_file
-
-        path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
+    def _close_current(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
 
     def finish(self) -> list[Path]:
-        self._flush()
+        self._close_current()
         if not self._shards:
             raise ValueError("no tensors were written")
         if len(self._shards) == 1:

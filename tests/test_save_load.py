@@ -1,0 +1,90 @@
+"""Quantize → save → load gives identical outputs, for Llama, GPT-2 (Conv1D) and MiniLM (BERT)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import QuantSpec
+from lowbit.eval.size import model_size
+from lowbit.nn import QuantLinear
+
+SPECS = [QuantSpec.int_(4, 64, symmetric=False), QuantSpec.int_(8, None), QuantSpec.nf4(64, double_quant=True),
+         QuantSpec.int_(3, 32), QuantSpec.fp8()]
+
+
+def _inputs(vocab: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, vocab, (2, 24), generator=g)}
+
+
+def _out(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "minilm"])
+@pytest.mark.parametrize("spec", SPECS, ids=[s.describe() for s in SPECS])
+def test_save_load_identical(family: str, spec: QuantSpec, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    src = request.getfixturevalue({"llama": "llama_dir", "gpt2": "gpt2_dir", "minilm": "minilm"}[family])
+    model = lowbit.quantize(lowbit.load(src), spec)
+    inputs = _inputs(model.config.vocab_size)
+    before = _out(model, inputs)
+    lowbit.save(model, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q")
+    assert torch.equal(_out(loaded, inputs), before)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) > 0
+    assert (tmp_path / "q" / "tokenizer.json").is_file() or (tmp_path / "q" / "vocab.txt").is_file()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "minilm"])
+def test_streaming_equals_in_memory(family: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    src = request.getfixturevalue({"llama": "llama_dir", "gpt2": "gpt2_dir", "minilm": "minilm"}[family])
+    spec = QuantSpec.int_(4, 32, symmetric=False)
+    result = lowbit.quantize_pretrained(src, spec, tmp_path / "q", show_progress=False)
+    streamed = lowbit.load(tmp_path / "q")
+    in_memory = lowbit.quantize(lowbit.load(src), spec)
+    inputs = _inputs(streamed.config.vocab_size)
+    assert torch.equal(_out(streamed, inputs), _out(in_memory, inputs))
+    size = model_size(streamed)
+    assert (result.size.params, result.size.size_bytes, result.size.linear_bytes) == \
+           (size.params, size.size_bytes, size.linear_bytes)
+    assert result.layers_quantized == sum(isinstance(m, QuantLinear) for m in streamed.modules())
+
+
+def test_float_load_matches_transformers(llama_dir: Path) -> None:
+    import transformers
+
+    ours = lowbit.load(llama_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    inputs = _inputs(ours.config.vocab_size)
+    assert torch.equal(_out(ours, inputs), _out(theirs, inputs))
+
+
+def test_tied_embeddings_stay_tied(tied_llama_dir: Path, tmp_path: Path) -> None:
+    lowbit.quantize_pretrained(tied_llama_dir, QuantSpec.int_(4, 64), tmp_path / "q", show_progress=False)
+    model = lowbit.load(tmp_path / "q")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not isinstance(model.lm_head, QuantLinear)
+
+
+def test_sharded_output_round_trip(llama_dir: Path, tmp_path: Path) -> None:
+    lowbit.quantize_pretrained(llama_dir, QuantSpec.int_(4, 64), tmp_path / "q", show_progress=False,
+                               max_shard_bytes=200_000)
+    files = sorted(p.name for p in (tmp_path / "q").glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    model = lowbit.load(tmp_path / "q")
+    reference = lowbit.quantize(lowbit.load(llama_dir), QuantSpec.int_(4, 64))
+    inputs = _inputs(model.config.vocab_size)
+    assert torch.equal(_out(model, inputs), _out(reference, inputs))
+
+
+def test_quantization_config_is_versioned(llama_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    lowbit.quantize_pretrained(llama_dir, QuantSpec.int_(4, 64), tmp_path / "q", show_progress=False)
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "lowbit" and qcfg["format_version"] == 1
+    assert qcfg["default_spec"]["bits"] == 4 and len(qcfg["modules"]) == 14
