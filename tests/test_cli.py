@@ -67,3 +67,12 @@ def test_demo_table(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for name in ("fp32", "int8", "int4-g128", "nf4", "perplexity", "bits/weight", "size (MB)"):
         assert name in out
+
+
+def test_quantize_accepts_a_lowbit_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _run_json(["quantize", "builtin:tiny-lm", "--bits", "4", "-o", str(tmp_path / "q4"), "--json", "--quiet"], capsys)
+    with pytest.warns(UserWarning, match="already quantized"):
+        q = _run_json(["quantize", str(tmp_path / "q4"), "--bits", "8", "--group-size", "0", "-o", str(tmp_path / "q8"),
+                       "--json", "--quiet"], capsys)
+    info = _run_json(["info", str(tmp_path / "q8"), "--json"], capsys)
+    assert info["spec_counts"] == {"int8-ch-asym": q["layers_quantized"]}

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from lowbit.errors import InvalidSpecError, LowbitError
 
 FORMAT_CHOICES = ("int", "nf4", "fp4", "fp8", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
-METHOD_CHOICES = ("rtn",)
+METHOD_CHOICES = ("rtn", "gptq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: matching layers use BITS instead (repeatable, int format)")
     q.add_argument("--recipe", default=None, help="JSON/YAML recipe (default spec, skip, include, overrides)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    c = q.add_argument_group("calibration (gptq)")
+    c.add_argument("--calib", default="builtin", metavar="DATA",
+                   help="text file, .jsonl, directory of texts, or saved `datasets` dataset (default: built-in corpus)")
+    c.add_argument("--calib-field", default="text", help="text field of JSONL records / dataset column")
+    c.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    c.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
+    c.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
+    c.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    c.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy "
+                                                            "(static groups, no runtime permutation)")
+    c.add_argument("--device", default="cpu", help="compute device for calibration (cpu, cuda, cuda:1 …)")
     _common(q)
 
     e = sub.add_parser("eval", help="size, bits per weight, perplexity, embedding similarity")
@@ -88,8 +99,12 @@ def _version() -> str:
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.io.streaming import quantize_pretrained
 
+    from lowbit.algorithms.calib_data import CalibConfig
+
     recipe = recipe_from_args(args)
-    result = quantize_pretrained(args.model, recipe, args.out, overwrite=args.overwrite, show_progress=not args.quiet)
+    calib = CalibConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_field)
+    result = quantize_pretrained(args.model, recipe, args.out, overwrite=args.overwrite, show_progress=not args.quiet,
+                                 calibration=calib, device=args.device)
     summary = result.to_dict()
     summary["spec"] = recipe.default.describe()
     if not args.json:
@@ -137,8 +152,16 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
         if fmt != "int":
             raise InvalidSpecError("--layer-bits needs --format int")
         overrides.append(LayerOverride(pattern, default.replace(bits=int(bits))))
+    options: dict[str, Any] = {}
+    if args.method == "gptq":
+        if args.damp is not None:
+            options["damp"] = args.damp
+        if args.act_order:
+            options["act_order"] = True
+    elif args.damp is not None or args.act_order:
+        raise InvalidSpecError("--damp/--act-order apply to --method gptq only")
     return QuantRecipe(default, args.method, tuple(args.skip) if args.skip else DEFAULT_SKIP,
-                       tuple(args.include) if args.include else None, tuple(overrides))
+                       tuple(args.include) if args.include else None, tuple(overrides), options)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,6 +278,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="transformers")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"lowbit: warning: {message}\n"
     try:
         from transformers.utils import logging as hf_logging
 

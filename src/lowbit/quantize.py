@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -12,26 +12,65 @@ from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.recipe import QuantRecipe, as_recipe
 
+if TYPE_CHECKING:
+    from lowbit.algorithms.calib_data import CalibConfig
+
 
 def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[str, Any], *,
+             calibration: "CalibConfig | None" = None, tokenizer: Any = None, device: str = "cpu",
              show_progress: bool = False) -> nn.Module:
-    """Quantize ``model``'s ``nn.Linear`` / transformers ``Conv1D`` layers in place (round-to-nearest).
+    """Quantize ``model``'s ``nn.Linear`` / transformers ``Conv1D`` layers in place.
 
     Args:
         model: any PyTorch module; Hugging Face models keep working unchanged.
-        spec_or_recipe: one :class:`QuantSpec` for every layer, or a :class:`QuantRecipe` with
-            skip/include patterns and per-layer overrides (mixed precision). ``lm_head`` is skipped
-            by default, and weights tied to an embedding are never quantized.
+        spec_or_recipe: one :class:`QuantSpec` for every layer (round-to-nearest), or a
+            :class:`QuantRecipe` with a method (``rtn``, ``gptq``), skip/include patterns and per-layer
+            overrides (mixed precision). ``lm_head`` is skipped by default, and weights tied to an
+            embedding are never quantized.
+        calibration: calibration data for data-driven methods (default: the built-in demo corpus).
+        tokenizer: tokenizer for the calibration text (default: loaded from ``model.lowbit_source``).
+        device: where blocks are computed during calibration.
     Returns:
         the same ``model`` object, its layers now :class:`~lowbit.nn.QuantLinear`.
     """
     recipe = as_recipe(spec_or_recipe)
+    if recipe.calibrated:
+        from lowbit.algorithms.calib_data import CalibConfig
+        from lowbit.algorithms.ptq import quantize_calibrated
+
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        return quantize_calibrated(model, recipe, tokenizer, calibration or CalibConfig(), device=device,
+                                   show_progress=show_progress)
     targets = select_targets(model, recipe)
     check_target_shapes(model, targets)
     for name in progress(targets, desc="quantize", enabled=show_progress, unit="layer"):
         module = model.get_submodule(name)
-        device = module.weight.device
-        qlinear = QuantLinear.from_float(module, targets[name], name).to(device)
+        device_ = module.weight.device
+        qlinear = QuantLinear.from_float(module, targets[name], name).to(device_)
         set_submodule(model, name, qlinear)
     model.lowbit_method = recipe.method  # type: ignore[attr-defined]
+    return model
+
+
+def load_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer stored beside the model's weights (``model.lowbit_source``)."""
+    from lowbit.errors import LowbitError
+
+    source = getattr(model, "lowbit_source", None)
+    if source is None:
+        raise LowbitError("no tokenizer given and the model was not loaded with lowbit.load (no lowbit_source)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"{source}: cannot load a tokenizer from this directory ({exc})") from None
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every :class:`QuantLinear` by a float ``nn.Linear`` holding its dequantized weight (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            device = module.bias.device if module.bias is not None else getattr(module, "qdata").device
+            set_submodule(model, name, module.dequantize().to(device))
     return model

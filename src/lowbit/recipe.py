@@ -16,7 +16,8 @@ from typing import Any
 from lowbit.errors import InvalidSpecError
 from lowbit.formats.spec import QuantSpec
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
+CALIBRATED_METHODS = ("gptq",)
 DEFAULT_SKIP = ("lm_head",)
 
 
@@ -44,10 +45,13 @@ class QuantRecipe:
     skip: tuple[str, ...] = DEFAULT_SKIP
     include: tuple[str, ...] | None = None
     overrides: tuple[LayerOverride, ...] = field(default_factory=tuple)
+    options: tuple[tuple[str, Any], ...] = ()  # method options, e.g. (("act_order", True), ("damp", 0.01))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidSpecError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        if isinstance(self.options, dict):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
         for pattern in (*self.skip, *(self.include or ()), *(o.pattern for o in self.overrides)):
             try:
                 re.compile(pattern)
@@ -73,11 +77,16 @@ class QuantRecipe:
             "include": None if self.include is None else list(self.include),
             "overrides": [{"pattern": o.pattern, "spec": None if o.spec is None else o.spec.to_dict()}
                           for o in self.overrides],
+            "options": dict(self.options),
         }
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "QuantRecipe":
-        allowed = {"method", "default", "skip", "include", "overrides"}
+        allowed = {"method", "default", "skip", "include", "overrides", "options"}
         if not isinstance(data, dict):
             raise InvalidSpecError(f"{where}: expected an object")
         unknown = sorted(set(data) - allowed)
@@ -99,6 +108,7 @@ class QuantRecipe:
             skip=tuple(data.get("skip", DEFAULT_SKIP)),
             include=None if include is None else tuple(include),
             overrides=tuple(overrides),
+            options=tuple(sorted((data.get("options") or {}).items())),
         )
 
     @classmethod

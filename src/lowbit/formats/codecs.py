@@ -40,10 +40,7 @@ def encode(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Tenso
         return {"qdata": w.to(torch.float16 if spec.format == "fp16" else torch.bfloat16)}
     x = P.grouped(w, spec, name)
     if spec.format == "int":
-        scale, zero = P.choose_qparams(x, spec.bits, spec.symmetric)
-        scale = _load_scale(_store_scale(scale, spec), spec, scale.shape)  # the scale as it will be stored
-        if not spec.symmetric:
-            zero = P.zero_from_scale(x, scale, spec.bits)
+        scale, zero = int_qparams(w, spec, name)
         return encode_int(w, spec, scale, zero, name)
     if spec.format in ("nf4", "fp4"):
         absmax = x.abs().amax(dim=-1)
@@ -58,6 +55,21 @@ def encode(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Tenso
     scale = _load_scale(stored, spec, scale.shape)
     q = (x / scale.unsqueeze(-1)).clamp(-fmax, fmax).to(fp8)
     return {"qdata": q.reshape(w.shape).view(torch.uint8), **stored}
+
+
+def int_qparams(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scale and zero-point [R, G] for ``weight`` [N, K], the scale as it will be stored."""
+    x = P.grouped(weight.float(), spec, name)
+    scale, zero = P.choose_qparams(x, spec.bits, spec.symmetric)
+    scale = stored_scale(scale, spec)
+    if not spec.symmetric:
+        zero = P.zero_from_scale(x, scale, spec.bits)  # zero-point for the scale actually stored
+    return scale, zero
+
+
+def stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``scale`` after a round trip through its storage (fp16 cast or double quantization), as float32."""
+    return _load_scale(_store_scale(scale.float(), spec), spec, scale.shape)
 
 
 def encode_int(weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor, name: str = "weight") -> TensorDict:

@@ -120,7 +120,7 @@ def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
 
 
 def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, source_dir: str | Path | None = None,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (float or quantized) as safetensors + config.json (+ tokenizer files).
 
     Tokenizer and other non-weight files are copied from ``source_dir`` (default: the directory the
@@ -144,7 +144,8 @@ def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, source_d
         if not config.get("architectures"):
             config["architectures"] = [type(model).__name__]
         if layer_specs:
-            config["quantization_config"] = make_quantization_config(layer_specs, getattr(model, "lowbit_method", None) or "rtn")
+            config["quantization_config"] = make_quantization_config(
+                layer_specs, getattr(model, "lowbit_method", None) or "rtn", extra_config)
         write_json(tmp / "config.json", config)
         if source is not None:
             copy_aux_files(Path(source), tmp)

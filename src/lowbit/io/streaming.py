@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.errors import CorruptFileError, UnsupportedModelError
+from lowbit.errors import CorruptFileError, OutputExistsError, UnsupportedModelError
 from lowbit.eval.size import SizeReport
 from lowbit.io.checkpoint import copy_aux_files, map_checkpoint_key, quantized_layers
 from lowbit.io.qconfig import make_quantization_config
@@ -22,6 +22,7 @@ from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir
 from lowbit.models.build import build_empty_model
 from lowbit.models.resolve import read_json, resolve_model_dir
 from lowbit.models.targets import check_target_shapes, counted_linear_names, is_conv1d, select_targets
+from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.formats.spec import QuantSpec
 from lowbit.recipe import QuantRecipe, as_recipe
@@ -49,16 +50,27 @@ class QuantizeResult:
         }
 
 
-def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRecipe | dict[str, Any], out: str | Path, *, overwrite: bool = False,
-                        show_progress: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> QuantizeResult:
-    """Quantize the model at ``source`` (HF dir or ``builtin:NAME``) into a lowbit directory ``out``."""
+def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRecipe | dict[str, Any], out: str | Path,
+                        *, overwrite: bool = False, show_progress: bool = True,
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, calibration: Any = None,
+                        device: str = "cpu") -> QuantizeResult:
+    """Quantize the model at ``source`` (HF dir, lowbit dir or ``builtin:NAME``) into a lowbit directory ``out``.
+
+    Round-to-nearest streams tensor by tensor from the safetensors shards; calibrated methods
+    (GPTQ …) load the model and run it block by block on the calibration data.
+    """
     start = time.perf_counter()
     recipe = as_recipe(spec_or_recipe)
+    if Path(out).exists() and not overwrite:  # fail before any work, not after it
+        raise OutputExistsError(f"{out}: already exists; choose another output path or pass --overwrite")
+    if recipe.calibrated:
+        return _quantize_loaded(source, recipe, Path(out), overwrite, show_progress, max_shard_bytes, start,
+                                calibration=calibration, device=device)
     src = resolve_model_dir(source)
     config_path = src / "config.json"
     config = read_json(config_path)
     if quantized_layers(config, str(config_path))[0]:
-        raise UnsupportedModelError(f"{src}: is already quantized by lowbit; quantize the float model instead")
+        return _quantize_loaded(src, recipe, Path(out), overwrite, show_progress, max_shard_bytes, start)
     model = build_empty_model(config, str(config_path))
     targets = select_targets(model, recipe)
     if not targets:
@@ -118,3 +130,25 @@ def _account(size: SizeReport, numel: int, nbytes: int, counted: bool, is_param:
     if counted:
         size.linear_params += numel
         size.linear_bytes += nbytes
+
+
+def _quantize_loaded(source: str | Path, recipe: QuantRecipe, out: Path, overwrite: bool, show_progress: bool,
+                     max_shard_bytes: int, start: float, *, calibration: Any = None, device: str = "cpu") -> QuantizeResult:
+    """Load the model, quantize it in memory, save it. Used for calibrated methods and for lowbit
+    directories as input (dequantized first: re-quantizing compounds the rounding error)."""
+    import warnings
+
+    from lowbit.eval.size import model_size
+    from lowbit.io.checkpoint import load, save
+    from lowbit.quantize import dequantize_model, quantize
+
+    model = load(source)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        warnings.warn(f"{source} is already quantized: re-quantizing its dequantized weights compounds the rounding "
+                      "error; quantize the float model instead where you have it", stacklevel=3)
+        dequantize_model(model)
+    quantize(model, recipe, calibration=calibration, device=device, show_progress=show_progress)
+    extra = {"source": str(source)} if recipe.calibrated else None
+    save(model, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes, extra_config=extra)
+    specs = {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return QuantizeResult(out, len(specs), model_size(model), time.perf_counter() - start, specs)

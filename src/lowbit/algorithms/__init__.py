@@ -1,0 +1,1 @@
+"""Quantization algorithms: pure functions choosing values (RTN, GPTQ, AWQ, …) and the calibration runner."""

@@ -1,0 +1,163 @@
+"""One layer-by-layer runner for every data-driven algorithm (GPTQ, AWQ, … and later pruning).
+
+1. capture the inputs of the first transformer block for all calibration batches;
+2. for each block: move it to the compute device, run it on those inputs with hooks that feed each
+   target linear layer's inputs to a per-layer statistics object, let the algorithm replace the
+   layers, run the (now quantized) block again to get the next block's inputs, move it back.
+Generic over Hugging Face decoders and encoders: the block list is found, not hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from lowbit.errors import InvalidWeightError, UnsupportedModelError
+from lowbit.models.targets import is_linear, set_submodule
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.progress import progress
+
+
+class LayerStats(Protocol):
+    def add_batch(self, x: torch.Tensor) -> None: ...
+
+
+@dataclass
+class LayerJob:
+    """What the runner asks of an algorithm for one target layer."""
+
+    name: str                 # full module name, e.g. model.layers.3.mlp.down_proj
+    module: nn.Module         # the float linear layer (nn.Linear or Conv1D)
+    stats: LayerStats
+
+
+@dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor] = field(default_factory=list)   # per batch: [B, L, D]
+    args: list[tuple] = field(default_factory=list)            # other positional args per batch
+    kwargs: list[dict[str, Any]] = field(default_factory=list)  # attention masks, rotary tables, …
+
+
+class _Captured(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer block list (``model.layers``, ``transformer.h``, ``encoder.layer`` …)."""
+    config = getattr(model, "config", None)
+    want = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            if any(is_linear(m) for m in module[0].modules()):
+                candidates.append((name, module))
+    exact = [c for c in candidates if len(c[1]) == want]
+    chosen = exact or sorted(candidates, key=lambda c: len(c[1]), reverse=True)
+    if not chosen:
+        raise UnsupportedModelError(f"{type(model).__name__}: found no repeated block list (an nn.ModuleList of "
+                                    "identical layers containing linear layers, such as model.layers, transformer.h "
+                                    "or encoder.layer); layer-by-layer calibration needs one")
+    return chosen[0]
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]],
+                         device: torch.device) -> BlockInputs:
+    """Run the model up to its first block for each batch and record that block's inputs."""
+    captured = BlockInputs()
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")})
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured.hidden) != len(batches):
+        raise UnsupportedModelError(f"{type(model).__name__}: the first block was not reached by the forward pass")
+    return captured
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
+                       targets: dict[str, Any], make_stats: Callable[[str, nn.Module], LayerStats],
+                       replace: Callable[[LayerJob], QuantLinear], device: torch.device | str = "cpu",
+                       show_progress: bool = True) -> dict[str, QuantLinear]:
+    """Quantize the ``targets`` inside the model's blocks, block by block, on calibration ``batches``.
+
+    Args:
+        targets: {full module name: anything (e.g. its spec)}; only names inside blocks are handled here.
+        make_stats: creates the statistics object a layer's inputs are fed to (e.g. a Hessian).
+        replace: turns a LayerJob into the quantized module that takes the layer's place.
+    Returns:
+        {name: new module} of the layers replaced.
+    """
+    device = torch.device(device)
+    prefix, blocks = find_blocks(model)
+    block_device = {id(b): next(b.parameters()).device for b in blocks}
+    _move_outside_blocks(model, blocks, device)
+    inputs = capture_block_inputs(model, blocks, batches, device)
+    done: dict[str, QuantLinear] = {}
+    for index in progress(range(len(blocks)), desc="calibrate", enabled=show_progress, unit="block"):
+        block = blocks[index].to(device)
+        block_prefix = f"{prefix}.{index}."
+        layers = {n: m for n, m in block.named_modules() if n and is_linear(m) and block_prefix + n in targets}
+        stats = {n: make_stats(block_prefix + n, m) for n, m in layers.items()}
+        handles = [m.register_forward_hook(_feeder(stats[n], block_prefix + n)) for n, m in layers.items()]
+        try:
+            _run_block(block, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, module in layers.items():
+            new = replace(LayerJob(block_prefix + name, module, stats[name])).to(device)
+            set_submodule(block, name, new)
+            done[block_prefix + name] = new
+        del stats
+        inputs.hidden = _run_block(block, inputs)
+        blocks[index] = block.to(block_device[id(blocks[index])])
+    return done
+
+
+def _feeder(stats: LayerStats, name: str) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        try:
+            stats.add_batch(args[0].detach())
+        except FloatingPointError:
+            raise InvalidWeightError(f"{name}: calibration activations contain NaN/Inf; the float model is broken "
+                                     "on this data (check its weights and dtype)") from None
+    return hook
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    return [_block_output(block(h, *a, **kw)) for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Put everything that runs before the first block (embeddings, rotary tables) on ``device``."""
+    block_ids = {id(m) for b in blocks for m in b.modules()}
+    for module in model.modules():
+        if id(module) in block_ids:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device != device:
+                module._parameters[name] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)

@@ -1,0 +1,125 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, compensating each column's error
+on the not-yet-quantized columns through the inverse Hessian of the layer's inputs.
+
+Pure functions over (weight, Hessian, spec); the layer-by-layer runner feeds them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import InvalidSpecError
+from lowbit.formats import primitives as P
+from lowbit.formats.codecs import int_qparams
+from lowbit.formats.spec import QuantSpec
+from lowbit.tensor import QuantizedWeight
+
+
+class HessianAccumulator:
+    """H = 2/n · Σ xᵀx over the n input rows a linear layer sees (x: [..., in_features])."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float32)  # [n, K]
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("calibration activations contain NaN/Inf")
+        n = x.shape[0]
+        self.hessian *= self.rows / (self.rows + n)
+        self.rows += n
+        x = x * (2.0 / self.rows) ** 0.5
+        self.hessian.addmm_(x.t(), x)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01          # fraction of mean(diag(H)) added to the diagonal
+    block_size: int = 128       # columns per lazy batch update
+    act_order: bool = False     # process columns by decreasing Hessian diagonal (with static groups)
+    max_damp_retries: int = 6
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig = GPTQConfig(),
+                  name: str = "weight") -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` [N, K] (float) given the input Hessian ``hessian`` [K, K].
+
+    Integer formats only (per-channel or per-group). With ``act_order`` the group parameters are
+    fixed from the original weight ("static groups"), so the stored model needs no permutation.
+    """
+    if spec.format != "int" or spec.granularity == "tensor":
+        raise InvalidSpecError(f"{name}: GPTQ needs an int format with per-channel or per-group scales, got {spec.describe()}")
+    w = weight.detach().to(torch.float32).clone()
+    n, k = w.shape
+    g = spec.group_size if spec.granularity == "group" else k
+    if k % g:
+        P.grouped(w, spec, name)  # raises the standard ShapeError
+    h = hessian.to(w.device, torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    static_scale = static_zero = None
+    if config.act_order:
+        static_scale, static_zero = int_qparams(w, spec, name)  # [N, K/g] from the original weight
+    perm = torch.argsort(torch.diag(h), descending=True) if config.act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_cholesky(h, config, name)
+
+    q_all = torch.zeros_like(w)
+    scale = torch.zeros(n, k // g, dtype=torch.float32, device=w.device)
+    zero = torch.zeros_like(scale)
+    if static_scale is not None:
+        scale, zero = static_scale, static_zero
+    qmin, qmax = P.int_range(spec.bits, spec.symmetric)
+    for i1 in range(0, k, config.block_size):
+        i2 = min(i1 + config.block_size, k)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = i1 + i
+            original = int(perm[column]) if perm is not None else column
+            group = original // g
+            if static_scale is None and original % g == 0:
+                # dynamic groups: parameters from the already error-compensated weights of this group
+                cols = w1[:, i : i + g] if i + g <= i2 - i1 else torch.cat([w1[:, i:], w[:, i2 : column + g]], 1)
+                s, z = int_qparams(cols, spec.replace(granularity="channel", group_size=None), name)
+                scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
+            s, z = scale[:, group], zero[:, group]
+            col = w1[:, i]
+            q = (torch.clamp(torch.round(col / s + z), qmin, qmax) - z) * s
+            q1[:, i] = q
+            e = (col - q) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        q_all[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q_all = q_all[:, torch.argsort(perm)]
+    return QuantizedWeight.from_qparams(q_all, spec, scale, zero, name)
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, config: GPTQConfig, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ after dampening; raises the dampening (with a warning) if H is not PD."""
+    damp = config.damp
+    mean_diag = torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(config.max_damp_retries + 1):
+        try:
+            lower = torch.linalg.cholesky(h + damp * mean_diag * eye)
+            inverse = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inverse, upper=True)
+        except torch.linalg.LinAlgError:
+            if attempt == config.max_damp_retries:
+                raise
+            new = damp * 10
+            warnings.warn(f"{name}: Hessian not positive definite with damp={damp:g}; retrying with damp={new:g}")
+            damp = new
+    raise AssertionError("unreachable")

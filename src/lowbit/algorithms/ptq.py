@@ -1,0 +1,61 @@
+"""Calibrated post-training quantization of a whole model: calibration data → layer-by-layer runner → algorithm."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.calib_data import CalibConfig, calibration_batches
+from lowbit.algorithms.calibrate import LayerJob, run_layer_by_layer
+from lowbit.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from lowbit.errors import InvalidSpecError
+from lowbit.models.targets import check_target_shapes, is_conv1d, linear_dims, select_targets, set_submodule
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.recipe import QuantRecipe
+
+
+def method_config(recipe: QuantRecipe) -> Any:
+    """The typed options object of the recipe's method (unknown option names are errors)."""
+    cls = {"gptq": GPTQConfig}[recipe.method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    options = dict(recipe.options)
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise InvalidSpecError(f"unknown {recipe.method} option(s) {unknown}; allowed: {sorted(names)}")
+    return cls(**options)
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """Weight [out, in] of an nn.Linear or transformers Conv1D."""
+    w = module.weight.detach()
+    return w.t() if is_conv1d(module) else w
+
+
+def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, calib: CalibConfig, *,
+                        device: str | torch.device = "cpu", batch_size: int = 8,
+                        show_progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with a data-driven method (``recipe.method``, e.g. GPTQ)."""
+    options = method_config(recipe)
+    targets = select_targets(model, recipe)
+    check_target_shapes(model, targets)
+    ids = calibration_batches(tokenizer, calib)  # [samples, seq_len]
+    batches = [{"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size])}
+               for i in range(0, ids.shape[0], batch_size)]
+
+    def make_stats(name: str, module: nn.Module) -> HessianAccumulator:
+        return HessianAccumulator(linear_dims(module)[0], device=device)
+
+    def replace(job: LayerJob) -> QuantLinear:
+        qw = gptq_quantize(float_weight(job.module), job.stats.hessian, targets[job.name], options, job.name)
+        return QuantLinear.from_weight(qw, job.module.bias)
+
+    done = run_layer_by_layer(model, batches, targets=targets, make_stats=make_stats, replace=replace,
+                              device=device, show_progress=show_progress)
+    for name in set(targets) - set(done):  # layers outside the block list (e.g. BERT's pooler): plain RTN
+        module = model.get_submodule(name)
+        set_submodule(model, name, QuantLinear.from_float(module, targets[name], name).to(module.weight.device))
+    model.lowbit_method = recipe.method  # type: ignore[attr-defined]
+    return model
