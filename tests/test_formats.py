@@ -25,6 +25,7 @@ CASES = [
     (QuantSpec.int_(4, 128, symmetric=True), 15.0),
     (QuantSpec.int_(4, 32, symmetric=False, double_quant=True), 19.0),
     (QuantSpec.int_(3, 64, symmetric=False), 11.0),
+    (QuantSpec.int_(4, 64, symmetric=False, zero_dtype="float16"), 18.0),
     (QuantSpec.int_(2, 32, symmetric=False), 5.0),
     (QuantSpec.nf4(64), 18.0),
     (QuantSpec.nf4(64, double_quant=True), 18.0),

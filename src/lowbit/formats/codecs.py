@@ -9,6 +9,7 @@ qdata       uint8 [N, ceil(K/8)*b]   b-bit codes, bit-packed along K (formats/pa
             fp8: uint8 [N, K]        float8 bytes; fp16/bf16: that dtype [N, K]
 scale       scale_dtype [R, G]       per-group scale (int: S; nf4/fp4: block absmax; fp8: amax/fmax)
 zero        uint8 [R, ceil(G/8)*b]   asymmetric int only: b-bit zero-points, packed along G
+            zero_dtype [R, G]        … or real-valued zero-points when spec.zero_dtype is a float
 scale_q     int8 [R, G]              double_quant: 8-bit codes of (scale − scale_offset) …
 scale_scale float32 [ceil(R*G/256)]  … one fp32 scale per 256 codes …
 scale_offset float32 [1]             … and the mean of the first-level scales
@@ -77,10 +78,13 @@ def encode_int(weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero:
     x = P.grouped(weight.float(), spec, name)
     stored = _store_scale(scale.float(), spec)
     scale = _load_scale(stored, spec, scale.shape)  # quantize against the scale as stored
+    if spec.float_zero:
+        stored["zero"] = zero.to(_SCALE_DTYPES[spec.zero_dtype])
+        zero = stored["zero"].float()  # … and against the zero-point as stored
     q = P.quantize_affine(x, scale, zero, spec.bits, spec.symmetric)
     if spec.symmetric:
         q = q + (1 << (spec.bits - 1))
-    else:
+    elif not spec.float_zero:
         stored["zero"] = pack(zero.to(torch.uint8), spec.bits)
     stored["qdata"] = pack(q.to(torch.uint8).reshape(weight.shape), spec.bits)
     return stored
@@ -113,6 +117,8 @@ def decode_zero(tensors: TensorDict, spec: QuantSpec, sshape: tuple[int, int]) -
     """Integer zero-points [R, G] as float32 (zeros for symmetric specs)."""
     if not spec.has_zero:
         return torch.zeros(sshape, dtype=torch.float32, device=tensors["qdata"].device)
+    if spec.float_zero:
+        return tensors["zero"].float().reshape(sshape)
     return unpack(tensors["zero"], spec.bits, sshape[1]).float()
 
 
@@ -155,6 +161,8 @@ def stored_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[tu
         layout["scale_offset"] = ((1,), torch.float32)
     else:
         layout["scale"] = ((r, g), _SCALE_DTYPES[spec.scale_dtype])
-    if spec.has_zero:
+    if spec.float_zero:
+        layout["zero"] = ((r, g), _SCALE_DTYPES[spec.zero_dtype])
+    elif spec.has_zero:
         layout["zero"] = ((r, packed_row_bytes(g, spec.bits)), torch.uint8)
     return layout

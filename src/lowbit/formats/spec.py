@@ -16,6 +16,7 @@ FORMAT_ALIASES = {"fp8": "fp8_e4m3", "float16": "fp16", "bfloat16": "bf16", "e4m
 GRANULARITIES = ("tensor", "channel", "group")
 INT_BITS = (2, 3, 4, 5, 6, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+ZERO_DTYPES = ("int", "float16", "bfloat16", "float32")
 DOUBLE_QUANT_BLOCK = 256  # block size of the 8-bit second-level quantization of the scales (as in QLoRA)
 
 _FIXED_BITS = {"nf4": 4, "fp4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp16": 16, "bf16": 16}
@@ -35,6 +36,8 @@ class QuantSpec:
         group_size: columns per group (``granularity='group'``); must divide the input dimension.
         double_quant: quantize the per-group scales themselves to 8 bits in blocks of 256 (QLoRA).
         scale_dtype: dtype the (first-level) scales are stored in when not double-quantized.
+        zero_dtype: asymmetric int only: ``int`` stores b-bit integer zero-points (packed); a float
+            dtype stores real-valued zero-points (what HQQ's optimiser produces).
     """
 
     format: str = "int"
@@ -44,6 +47,7 @@ class QuantSpec:
     group_size: int | None = 128
     double_quant: bool = False
     scale_dtype: str = "float16"
+    zero_dtype: str = "int"
 
     def __post_init__(self) -> None:
         fmt = FORMAT_ALIASES.get(self.format, self.format)
@@ -72,6 +76,10 @@ class QuantSpec:
             object.__setattr__(self, "group_size", None)
         if self.scale_dtype not in SCALE_DTYPES:
             raise InvalidSpecError(f"unknown scale_dtype {self.scale_dtype!r}; expected one of {SCALE_DTYPES}")
+        if self.zero_dtype not in ZERO_DTYPES:
+            raise InvalidSpecError(f"unknown zero_dtype {self.zero_dtype!r}; expected one of {ZERO_DTYPES}")
+        if fmt != "int" or self.symmetric:
+            object.__setattr__(self, "zero_dtype", "int")
         if self.double_quant and self.granularity == "tensor":
             raise InvalidSpecError("double_quant needs per-channel or per-group scales, not per-tensor")
 
@@ -108,6 +116,10 @@ class QuantSpec:
         return self.format == "int" and not self.symmetric
 
     @property
+    def float_zero(self) -> bool:
+        return self.has_zero and self.zero_dtype != "int"
+
+    @property
     def packed_bits(self) -> int:
         """Bits per stored element of the main data tensor."""
         return self.bits
@@ -123,6 +135,8 @@ class QuantSpec:
         tail = ""
         if self.format == "int":
             tail = "-sym" if self.symmetric else "-asym"
+            if self.zero_dtype != "int":
+                tail += "-fz"
         if self.double_quant:
             tail += "-dq"
         return name + gran + tail
