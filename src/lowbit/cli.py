@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from lowbit.errors import InvalidSpecError, LowbitError
 
 FORMAT_CHOICES = ("int", "nf4", "fp4", "fp8", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
-METHOD_CHOICES = ("rtn", "gptq")
+METHOD_CHOICES = ("rtn", "gptq", "awq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: matching layers use BITS instead (repeatable, int format)")
     q.add_argument("--recipe", default=None, help="JSON/YAML recipe (default spec, skip, include, overrides)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
-    c = q.add_argument_group("calibration (gptq)")
+    c = q.add_argument_group("calibration (gptq, awq)")
     c.add_argument("--calib", default="builtin", metavar="DATA",
                    help="text file, .jsonl, directory of texts, or saved `datasets` dataset (default: built-in corpus)")
     c.add_argument("--calib-field", default="text", help="text field of JSONL records / dataset column")

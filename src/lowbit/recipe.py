@@ -16,8 +16,8 @@ from typing import Any
 from lowbit.errors import InvalidSpecError
 from lowbit.formats.spec import QuantSpec
 
-METHODS = ("rtn", "gptq")
-CALIBRATED_METHODS = ("gptq",)
+METHODS = ("rtn", "gptq", "awq")
+CALIBRATED_METHODS = ("gptq", "awq")
 DEFAULT_SKIP = ("lm_head",)
 
 

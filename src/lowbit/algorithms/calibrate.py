@@ -97,6 +97,7 @@ def _block_output(out: Any) -> torch.Tensor:
 def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
                        targets: dict[str, Any], make_stats: Callable[[str, nn.Module], LayerStats],
                        replace: Callable[[LayerJob], QuantLinear], device: torch.device | str = "cpu",
+                       prepare_block: Callable[[nn.Module, str, dict[str, LayerJob], Callable[[], Any]], None] | None = None,
                        show_progress: bool = True) -> dict[str, QuantLinear]:
     """Quantize the ``targets`` inside the model's blocks, block by block, on calibration ``batches``.
 
@@ -104,6 +105,9 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         targets: {full module name: anything (e.g. its spec)}; only names inside blocks are handled here.
         make_stats: creates the statistics object a layer's inputs are fed to (e.g. a Hessian).
         replace: turns a LayerJob into the quantized module that takes the layer's place.
+        prepare_block: optional; called with (block, "prefix.i.", {local name: LayerJob}, run) after the
+            statistics are collected and before any layer is replaced, where ``run()`` runs the block on
+            the first calibration batch — for transforms over several layers (AWQ's scale folding).
     Returns:
         {name: new module} of the layers replaced.
     """
@@ -124,8 +128,13 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         finally:
             for h in handles:
                 h.remove()
+        jobs = {name: LayerJob(block_prefix + name, module, stats[name]) for name, module in layers.items()}
+        if prepare_block is not None:
+            h0, a0, kw0 = inputs.hidden[0], inputs.args[0], inputs.kwargs[0]
+            with torch.no_grad():
+                prepare_block(block, block_prefix, jobs, lambda: block(h0, *a0, **kw0))
         for name, module in layers.items():
-            new = replace(LayerJob(block_prefix + name, module, stats[name])).to(device)
+            new = replace(jobs[name]).to(device)
             set_submodule(block, name, new)
             done[block_prefix + name] = new
         del stats

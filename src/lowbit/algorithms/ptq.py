@@ -10,7 +10,9 @@ from torch import nn
 
 from lowbit.algorithms.calib_data import CalibConfig, calibration_batches
 from lowbit.algorithms.calibrate import LayerJob, run_layer_by_layer
+from lowbit.algorithms.awq import AWQConfig, InputSampler, linear_weight, search_clip, search_scale
 from lowbit.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from lowbit.algorithms.smoothing import fold_into_norm, foldable_pairs
 from lowbit.errors import InvalidSpecError
 from lowbit.models.targets import check_target_shapes, is_conv1d, linear_dims, select_targets, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
@@ -19,7 +21,7 @@ from lowbit.recipe import QuantRecipe
 
 def method_config(recipe: QuantRecipe) -> Any:
     """The typed options object of the recipe's method (unknown option names are errors)."""
-    cls = {"gptq": GPTQConfig}[recipe.method]
+    cls = {"gptq": GPTQConfig, "awq": AWQConfig}[recipe.method]
     names = {f.name for f in dataclasses.fields(cls)}
     options = dict(recipe.options)
     unknown = sorted(set(options) - names)
@@ -45,17 +47,53 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
     batches = [{"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size])}
                for i in range(0, ids.shape[0], batch_size)]
 
-    def make_stats(name: str, module: nn.Module) -> HessianAccumulator:
-        return HessianAccumulator(linear_dims(module)[0], device=device)
+    if recipe.method == "gptq":
+        def make_stats(name: str, module: nn.Module) -> Any:
+            return HessianAccumulator(linear_dims(module)[0], device=device)
 
-    def replace(job: LayerJob) -> QuantLinear:
-        qw = gptq_quantize(float_weight(job.module), job.stats.hessian, targets[job.name], options, job.name)
-        return QuantLinear.from_weight(qw, job.module.bias)
+        def replace(job: LayerJob) -> QuantLinear:
+            qw = gptq_quantize(float_weight(job.module), job.stats.hessian, targets[job.name], options, job.name)
+            return QuantLinear.from_weight(qw, job.module.bias)
+
+        prepare_block = None
+    else:  # awq
+        def make_stats(name: str, module: nn.Module) -> Any:
+            return InputSampler(linear_dims(module)[0], options.max_rows)
+
+        def prepare_block(block: nn.Module, prefix: str, jobs: dict[str, LayerJob], run: Any) -> None:
+            _awq_block(block, prefix, jobs, run, targets, options)
+
+        def replace(job: LayerJob) -> QuantLinear:
+            return QuantLinear.from_float(job.module, targets[job.name], job.name)
 
     done = run_layer_by_layer(model, batches, targets=targets, make_stats=make_stats, replace=replace,
-                              device=device, show_progress=show_progress)
+                              device=device, prepare_block=prepare_block, show_progress=show_progress)
     for name in set(targets) - set(done):  # layers outside the block list (e.g. BERT's pooler): plain RTN
         module = model.get_submodule(name)
         set_submodule(model, name, QuantLinear.from_float(module, targets[name], name).to(module.weight.device))
     model.lowbit_method = recipe.method  # type: ignore[attr-defined]
     return model
+
+
+def _awq_block(block: nn.Module, prefix: str, jobs: dict[str, LayerJob], run: Any, targets: dict[str, Any],
+               config: AWQConfig) -> None:
+    """AWQ on one block: scale search + fold for each norm → linears group, then clipping search."""
+    for norm_name, consumers in foldable_pairs(block, run).items():
+        searched = [n for n in consumers if n in jobs]
+        if not searched:
+            continue
+        sampler = jobs[searched[0]].stats
+        weights = [linear_weight(jobs[n].module) for n in searched]
+        scale = search_scale(sampler.rows(), sampler.abs_mean, weights, [targets[prefix + n] for n in searched], config)
+        # every consumer is rescaled (targets or not) so the block's function is unchanged
+        fold_into_norm(block.get_submodule(norm_name), [block.get_submodule(n) for n in consumers], scale)
+        for n in consumers:
+            if n in jobs:  # the linears now read x / s: keep their samples consistent
+                jobs[n].stats.samples = [x / scale.to(x.device) for x in jobs[n].stats.samples]
+                jobs[n].stats.abs_sum /= scale.double().cpu()
+    if not config.clip:
+        return
+    for name, job in jobs.items():
+        clipped = search_clip(job.stats.rows(), linear_weight(job.module), targets[prefix + name], config)
+        with torch.no_grad():
+            job.module.weight.copy_(clipped.t() if is_conv1d(job.module) else clipped)
