@@ -96,9 +96,9 @@ def _block_output(out: Any) -> torch.Tensor:
 
 def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
                        targets: dict[str, Any], make_stats: Callable[[str, nn.Module], LayerStats],
-                       replace: Callable[[LayerJob], QuantLinear], device: torch.device | str = "cpu",
+                       replace: Callable[[LayerJob], nn.Module], device: torch.device | str = "cpu",
                        prepare_block: Callable[[nn.Module, str, dict[str, LayerJob], Callable[[], Any]], None] | None = None,
-                       show_progress: bool = True) -> dict[str, QuantLinear]:
+                       show_progress: bool = True) -> dict[str, nn.Module]:
     """Quantize the ``targets`` inside the model's blocks, block by block, on calibration ``batches``.
 
     Args:
@@ -116,7 +116,7 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     block_device = {id(b): next(b.parameters()).device for b in blocks}
     _move_outside_blocks(model, blocks, device)
     inputs = capture_block_inputs(model, blocks, batches, device)
-    done: dict[str, QuantLinear] = {}
+    done: dict[str, nn.Module] = {}
     for index in progress(range(len(blocks)), desc="calibrate", enabled=show_progress, unit="block"):
         block = blocks[index].to(device)
         block_prefix = f"{prefix}.{index}."

@@ -83,3 +83,41 @@ def write_random_llama(out: str | Path, shape: LlamaShape, *, seed: int = 0, dty
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
     return Path(out)
+
+
+@torch.no_grad()
+def inject_activation_outliers(model: torch.nn.Module, *, channels: int = 4, factor: float = 30.0, seed: int = 0,
+                               vocab_size: int | None = None) -> dict[str, list[int]]:
+    """Give ``model`` activation-outlier channels without changing its function.
+
+    In every block, for each norm whose output feeds only linear layers, ``channels`` random
+    channels of the norm are multiplied by ``factor`` and the matching input columns of its
+    consumers divided by it — the outlier pattern of large LLMs that breaks per-tensor int8
+    activations. Returns {norm name: [channels]}.
+    """
+    from lowbit.algorithms.calibrate import capture_block_inputs, find_blocks
+    from lowbit.algorithms.smoothing import fold_into_norm, foldable_pairs
+
+    prefix, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": torch.randint(0, vocab, (1, 32), generator=gen)}
+    inputs = capture_block_inputs(model, blocks, [batch], device)
+    chosen: dict[str, list[int]] = {}
+    hidden = inputs.hidden[0]
+    for index, block in enumerate(blocks):
+        def run(block: torch.nn.Module = block, hidden: torch.Tensor = hidden) -> torch.Tensor:
+            return block(hidden, *inputs.args[0], **inputs.kwargs[0])
+
+        for norm_name, consumers in foldable_pairs(block, run).items():
+            norm = block.get_submodule(norm_name)
+            dim = norm.weight.shape[0]
+            picked = torch.randperm(dim, generator=gen)[:channels]
+            scale = torch.ones(dim)
+            scale[picked] = 1.0 / factor  # fold divides the norm by s: × factor there
+            fold_into_norm(norm, [block.get_submodule(n) for n in consumers], scale.to(norm.weight.device))
+            chosen[f"{prefix}.{index}.{norm_name}"] = sorted(picked.tolist())
+        out = run()
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return chosen
