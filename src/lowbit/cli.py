@@ -10,13 +10,14 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from lowbit.errors import InvalidSpecError, LowbitError
 
 FORMAT_CHOICES = ("int", "nf4", "fp4", "fp8", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
-METHOD_CHOICES = ("rtn", "gptq", "awq")
+METHOD_CHOICES = ("rtn", "hqq", "gptq", "awq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,10 +107,11 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     result = quantize_pretrained(args.model, recipe, args.out, overwrite=args.overwrite, show_progress=not args.quiet,
                                  calibration=calib, device=args.device)
     summary = result.to_dict()
-    summary["spec"] = recipe.default.describe()
+    stored = Counter(spec.describe() for spec in result.layer_specs.values())
+    summary["spec"] = stored.most_common(1)[0][0] if stored else recipe.default.describe()
     if not args.json:
         print(f"quantized {result.layers_quantized} layers of {args.model} with {recipe.method} "
-              f"{recipe.default.describe()} in {result.seconds:.1f} s")
+              f"{summary['spec']} in {result.seconds:.1f} s")
         print(f"  bits per weight (linear layers): {result.size.bits_per_weight:.3f}")
         print(f"  stored size: {result.size.size_bytes / 1e6:.2f} MB  →  {result.out}")
     return summary

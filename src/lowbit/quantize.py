@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lowbit.formats.spec import QuantSpec
-from lowbit.models.targets import check_target_shapes, select_targets, set_submodule
+from lowbit.algorithms.weight_only import weight_quantizer
+from lowbit.models.targets import check_target_shapes, float_weight, select_targets, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.recipe import QuantRecipe, as_recipe
@@ -43,11 +44,11 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
                                    show_progress=show_progress)
     targets = select_targets(model, recipe)
     check_target_shapes(model, targets)
+    quantize_weight = weight_quantizer(recipe)
     for name in progress(targets, desc="quantize", enabled=show_progress, unit="layer"):
         module = model.get_submodule(name)
-        device_ = module.weight.device
-        qlinear = QuantLinear.from_float(module, targets[name], name).to(device_)
-        set_submodule(model, name, qlinear)
+        qweight = quantize_weight(float_weight(module), targets[name], name)
+        set_submodule(model, name, QuantLinear.from_weight(qweight, module.bias).to(module.weight.device))
     model.lowbit_method = recipe.method  # type: ignore[attr-defined]
     return model
 

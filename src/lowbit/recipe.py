@@ -16,7 +16,7 @@ from typing import Any
 from lowbit.errors import InvalidSpecError
 from lowbit.formats.spec import QuantSpec
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "hqq", "gptq", "awq")
 CALIBRATED_METHODS = ("gptq", "awq")
 DEFAULT_SKIP = ("lm_head",)
 

@@ -28,7 +28,7 @@ class QuantizedWeight:
     @classmethod
     def from_float(cls, weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> "QuantizedWeight":
         """Round-to-nearest quantization of a float weight [out, in] (or any ≥1-D tensor: leading dims are rows)."""
-        w2d = _as_2d(weight, name)
+        w2d = as_2d(weight, name)
         check_finite(w2d, name)
         qw = cls(spec, (int(w2d.shape[0]), int(w2d.shape[1])), codecs.encode(w2d, spec, name))
         qw._check_scales(name)
@@ -40,7 +40,7 @@ class QuantizedWeight:
         """Integer formats: store ``weight`` with scale/zero [R, G] chosen by an algorithm (GPTQ, AWQ, HQQ …)."""
         if spec.format != "int":
             raise ValueError("from_qparams is for integer formats")
-        w2d = _as_2d(weight, name)
+        w2d = as_2d(weight, name)
         check_finite(w2d, name)
         qw = cls(spec, (int(w2d.shape[0]), int(w2d.shape[1])), codecs.encode_int(w2d, spec, scale, zero, name))
         qw._check_scales(name)
@@ -118,7 +118,8 @@ def check_finite(weight: torch.Tensor, name: str) -> None:
                              "refusing to quantize it")
 
 
-def _as_2d(weight: torch.Tensor, name: str) -> torch.Tensor:
+def as_2d(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """``weight`` as a 2-D [rows, last dim] view, checking it is a non-empty float tensor."""
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise InvalidWeightError(f"{name}: expected a floating-point tensor, got "
                                  f"{getattr(weight, 'dtype', type(weight).__name__)}")

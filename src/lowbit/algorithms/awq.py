@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.formats import primitives as P
 from lowbit.formats.spec import QuantSpec
-from lowbit.models.targets import is_conv1d
+from lowbit.models.targets import float_weight
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach().float()
-    return w.t() if is_conv1d(module) else w
+    """Float32 weight [out, in] of an nn.Linear / Conv1D."""
+    return float_weight(module).float()
 
 
 @torch.no_grad()

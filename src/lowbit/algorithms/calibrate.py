@@ -113,11 +113,19 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     """
     device = torch.device(device)
     prefix, blocks = find_blocks(model)
-    block_device = {id(b): next(b.parameters()).device for b in blocks}
+    lazy = getattr(model, "lowbit_lazy_blocks", None)  # blocks read from disk one at a time
+
+    def home(block: nn.Module) -> torch.device:
+        dev = next(block.parameters()).device
+        return torch.device("cpu") if dev.type == "meta" else dev
+
+    block_device = {id(b): home(b) for b in blocks}
     _move_outside_blocks(model, blocks, device)
     inputs = capture_block_inputs(model, blocks, batches, device)
     done: dict[str, nn.Module] = {}
     for index in progress(range(len(blocks)), desc="calibrate", enabled=show_progress, unit="block"):
+        if lazy is not None:
+            lazy.materialize(index)
         block = blocks[index].to(device)
         block_prefix = f"{prefix}.{index}."
         layers = {n: m for n, m in block.named_modules() if n and is_linear(m) and block_prefix + n in targets}

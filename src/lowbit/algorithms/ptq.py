@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -13,27 +12,10 @@ from lowbit.algorithms.calibrate import LayerJob, run_layer_by_layer
 from lowbit.algorithms.awq import AWQConfig, InputSampler, linear_weight, search_clip, search_scale
 from lowbit.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from lowbit.algorithms.smoothing import fold_into_norm, foldable_pairs
-from lowbit.errors import InvalidSpecError
-from lowbit.models.targets import check_target_shapes, is_conv1d, linear_dims, select_targets, set_submodule
+from lowbit.algorithms.weight_only import method_config
+from lowbit.models.targets import check_target_shapes, float_weight, is_conv1d, linear_dims, select_targets, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.recipe import QuantRecipe
-
-
-def method_config(recipe: QuantRecipe) -> Any:
-    """The typed options object of the recipe's method (unknown option names are errors)."""
-    cls = {"gptq": GPTQConfig, "awq": AWQConfig}[recipe.method]
-    names = {f.name for f in dataclasses.fields(cls)}
-    options = dict(recipe.options)
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise InvalidSpecError(f"unknown {recipe.method} option(s) {unknown}; allowed: {sorted(names)}")
-    return cls(**options)
-
-
-def float_weight(module: nn.Module) -> torch.Tensor:
-    """Weight [out, in] of an nn.Linear or transformers Conv1D."""
-    w = module.weight.detach()
-    return w.t() if is_conv1d(module) else w
 
 
 def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, calib: CalibConfig, *,

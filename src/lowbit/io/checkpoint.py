@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import CorruptFileError, UnsupportedModelError
-from lowbit.io.qconfig import QUANT_METHOD, make_quantization_config, parse_quantization_config
+from lowbit.formats.act import ActSpec
+from lowbit.io.qconfig import QUANT_METHOD, make_quantization_config, parse_activation_config, parse_quantization_config
 from lowbit.io.safetensors_io import open_safetensors, weight_files
 from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
 from lowbit.models.build import build_empty_model, tied_parameter_names
@@ -22,18 +23,33 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", 
 _SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
-def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         lazy_blocks: bool = False) -> nn.Module:
     """Load a model directory (float Hugging Face, lowbit quantized, or ``builtin:NAME``).
 
     Only safetensors and JSON are read. Float tensors are cast to ``dtype``; quantized tensors
     keep their stored dtypes. The directory is remembered as ``model.lowbit_source``.
+    With ``lazy_blocks`` the transformer blocks' weights stay on disk (meta tensors) until
+    ``model.lowbit_lazy_blocks.materialize(i)`` reads block i — so a model larger than memory can be
+    processed block by block (the calibration runner does this).
     """
     path = resolve_model_dir(ref)
     config_path = path / "config.json"
     config = read_json(config_path)
     layer_specs, method = quantized_layers(config, str(config_path))
+    act_specs = parse_activation_config(config.get("quantization_config") or {}, str(config_path), layer_specs)
     model = build_empty_model(config, str(config_path))
-    quantized_buffers = _install_quant_linears(model, layer_specs, str(config_path))
+    quantized_buffers = _install_quant_linears(model, layer_specs, str(config_path), act_specs)
+    if lazy_blocks:
+        from lowbit.algorithms.calibrate import find_blocks
+        from lowbit.io.lazy import LazyBlocks
+
+        block_prefix = find_blocks(model)[0] + "."
+        deferred = _load_weights(model, path, dtype, quantized_buffers, block_prefix)
+        model.lowbit_lazy_blocks = LazyBlocks(model, block_prefix, deferred, dtype, quantized_buffers)  # type: ignore[attr-defined]
+        model.lowbit_source = path  # type: ignore[attr-defined]
+        model.lowbit_method = method if layer_specs else None  # type: ignore[attr-defined]
+        return model.eval()  # blocks are materialised (on CPU) one at a time; move them yourself
     _load_weights(model, path, dtype, quantized_buffers)
     model.lowbit_source = path  # type: ignore[attr-defined]
     model.lowbit_method = method if layer_specs else None  # type: ignore[attr-defined]
@@ -50,8 +66,13 @@ def quantized_layers(config: dict[str, Any], where: str) -> tuple[dict[str, Any]
     return parse_quantization_config(qcfg, where)
 
 
-def _install_quant_linears(model: nn.Module, layer_specs: dict[str, Any], where: str) -> set[str]:
-    """Swap the named linear layers for empty (meta) QuantLinears; return their stored-tensor names."""
+def _install_quant_linears(model: nn.Module, layer_specs: dict[str, Any], where: str,
+                           act_specs: dict[str, ActSpec] | None = None) -> set[str]:
+    """Swap the named linear layers for empty (meta) QuantLinears; return their stored-tensor names.
+
+    Layers with a static act spec also get meta ``input_scale``/``input_zero`` buffers (float32 [1]).
+    """
+    act_specs = act_specs or {}
     from lowbit.formats.codecs import stored_layout
 
     names: set[str] = set()
@@ -63,8 +84,13 @@ def _install_quant_linears(model: nn.Module, layer_specs: dict[str, Any], where:
         in_features, out_features = linear_dims(module)
         layout = stored_layout(spec, (out_features, in_features))
         tensors = {t: torch.empty(shape, dtype=dt, device="meta") for t, (shape, dt) in layout.items()}
+        act_spec = act_specs.get(name)
         qlinear = QuantLinear(in_features, out_features, spec, bias=getattr(module, "bias", None) is not None,
-                              tensors=tensors)
+                              tensors=tensors, act_spec=act_spec)
+        if act_spec is not None and not act_spec.dynamic:
+            qlinear.input_scale = torch.empty(1, dtype=torch.float32, device="meta")
+            qlinear.input_zero = torch.empty(1, dtype=torch.float32, device="meta")
+            names.update((f"{name}.input_scale", f"{name}.input_zero"))
         set_submodule(model, name, qlinear)
         names.update(f"{name}.{t}" for t in layout)
     return names
@@ -81,17 +107,24 @@ def map_checkpoint_key(key: str, expected: set[str], prefix: str) -> str | None:
     return None
 
 
-def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: set[str]) -> None:
+def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: set[str],
+                  defer_prefix: str | None = None) -> dict[str, tuple[Path, str]]:
+    """Load the checkpoint into ``model``; tensors under ``defer_prefix`` are left on the meta device
+    and returned as {model name: (file, checkpoint key)} for :class:`lowbit.io.lazy.LazyBlocks`."""
     expected = model.state_dict()
     names = set(expected)
     prefix = getattr(model, "base_model_prefix", "") or ""
     state: dict[str, torch.Tensor] = {}
+    deferred: dict[str, tuple[Path, str]] = {}
     for file in weight_files(path):
         with open_safetensors(file) as handle:
             for key in handle.keys():
                 name = map_checkpoint_key(key, names, prefix)
                 if name is None:
                     continue  # e.g. legacy attention-mask buffers; not part of the model
+                if defer_prefix is not None and name.startswith(defer_prefix):
+                    deferred[name] = (file, key)
+                    continue
                 tensor = handle.get_tensor(key)
                 want = expected[name]
                 if tuple(tensor.shape) != tuple(want.shape):
@@ -107,10 +140,12 @@ def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: s
     for target, source in tied_parameter_names(model).items():
         if target not in state:
             _set_parameter(model, target, model.get_parameter(source))
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_meta and n not in deferred]
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         raise CorruptFileError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}")
+    return deferred
 
 
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
@@ -130,6 +165,8 @@ def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, source_d
     source = Path(source_dir) if source_dir is not None else getattr(model, "lowbit_source", None)
     tied = tied_parameter_names(model)
     layer_specs = {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    act_specs = {name: m.act_spec for name, m in model.named_modules()
+                 if isinstance(m, QuantLinear) and m.act_spec is not None}
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         state = model.state_dict()
@@ -145,7 +182,7 @@ def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, source_d
             config["architectures"] = [type(model).__name__]
         if layer_specs:
             config["quantization_config"] = make_quantization_config(
-                layer_specs, getattr(model, "lowbit_method", None) or "rtn", extra_config)
+                layer_specs, getattr(model, "lowbit_method", None) or "rtn", extra_config, act_specs)
         write_json(tmp / "config.json", config)
         if source is not None:
             copy_aux_files(Path(source), tmp)

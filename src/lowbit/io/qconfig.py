@@ -6,16 +6,20 @@ from collections import Counter
 from typing import Any
 
 from lowbit.errors import CorruptFileError
+from lowbit.formats.act import ActSpec
 from lowbit.formats.spec import QuantSpec
 
 QUANT_METHOD = "lowbit"
 FORMAT_VERSION = 1
 
 
-def make_quantization_config(layer_specs: dict[str, QuantSpec], method: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_quantization_config(layer_specs: dict[str, QuantSpec], method: str, extra: dict[str, Any] | None = None,
+                             act_specs: dict[str, ActSpec] | None = None) -> dict[str, Any]:
     """``{"quant_method": "lowbit", "format_version": 1, "default_spec": …, "modules": {name: "default" | spec}}``.
 
     The most common spec is written once as ``default_spec``; every quantized module is listed.
+    Modules that also quantize their input activations are listed with their :class:`ActSpec` under
+    ``"activations": {name: act_spec}`` (written only when there is one).
     """
     from lowbit import __version__
 
@@ -30,6 +34,8 @@ def make_quantization_config(layer_specs: dict[str, QuantSpec], method: str, ext
         "default_spec": None if default is None else default.to_dict(),
         "modules": modules,
     }
+    if act_specs:
+        config["activations"] = {name: spec.to_dict() for name, spec in act_specs.items()}
     config.update(extra or {})
     return config
 
@@ -56,3 +62,19 @@ def parse_quantization_config(qcfg: dict[str, Any], where: str) -> tuple[dict[st
         else:
             specs[name] = QuantSpec.from_dict(value, f"{where}: quantization_config.modules[{name!r}]")
     return specs, str(qcfg.get("method", "rtn"))
+
+
+def parse_activation_config(qcfg: dict[str, Any], where: str, layer_specs: dict[str, QuantSpec]) -> dict[str, ActSpec]:
+    """{module name: act spec} from a ``quantization_config`` (empty for files without ``activations``)."""
+    activations = qcfg.get("activations")
+    if activations is None:
+        return {}
+    if not isinstance(activations, dict):
+        raise CorruptFileError(f"{where}: quantization_config.activations must be an object")
+    specs = {}
+    for name, value in activations.items():
+        if name not in layer_specs:
+            raise CorruptFileError(f"{where}: quantization_config.activations names {name!r}, which is not a "
+                                   "quantized module")
+        specs[name] = ActSpec.from_dict(value, f"{where}: quantization_config.activations[{name!r}]")
+    return specs

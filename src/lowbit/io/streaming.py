@@ -26,7 +26,8 @@ from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.formats.spec import QuantSpec
 from lowbit.recipe import QuantRecipe, as_recipe
-from lowbit.tensor import QuantizedWeight, check_finite
+from lowbit.algorithms.weight_only import weight_quantizer
+from lowbit.tensor import check_finite
 
 
 @dataclass
@@ -77,6 +78,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
         raise UnsupportedModelError(f"{src}: the recipe selects no linear layer to quantize (skip={list(recipe.skip)}, "
                                     f"include={recipe.include})")
     check_target_shapes(model, targets)
+    quantize_weight = weight_quantizer(recipe)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     expected = set(model.state_dict())
@@ -99,7 +101,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
                         weight = tensor.float()
                         if is_conv1d(modules[module_name]):
                             weight = weight.t()
-                        qw = QuantizedWeight.from_float(weight, targets[module_name], module_name)
+                        qw = quantize_weight(weight, targets[module_name], module_name)
                         for tname, t in qw.tensors.items():
                             writer.add(f"{module_name}.{tname}", t)
                         _account(size, qw.numel, qw.nbytes, module_name in counted, True)
@@ -142,8 +144,11 @@ def _quantize_loaded(source: str | Path, recipe: QuantRecipe, out: Path, overwri
     from lowbit.io.checkpoint import load, save
     from lowbit.quantize import dequantize_model, quantize
 
-    model = load(source)
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    config = read_json(resolve_model_dir(source) / "config.json")
+    already_quantized = bool(quantized_layers(config, str(source))[0])
+    # calibrated methods on a float model: blocks are read from disk one at a time
+    model = load(source, lazy_blocks=recipe.calibrated and not already_quantized)
+    if already_quantized:
         warnings.warn(f"{source} is already quantized: re-quantizing its dequantized weights compounds the rounding "
                       "error; quantize the float model instead where you have it", stacklevel=3)
         dequantize_model(model)

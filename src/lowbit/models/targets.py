@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lowbit.models.build import output_head_name, tied_parameter_names
@@ -24,6 +25,12 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     if is_conv1d(module):
         return int(module.weight.shape[0]), int(module.nf)
     return int(module.in_features), int(module.out_features)
+
+
+def float_weight(module: nn.Module) -> "torch.Tensor":
+    """Weight [out, in] of an nn.Linear or transformers Conv1D (Conv1D stores [in, out])."""
+    w = module.weight.detach()
+    return w.t() if is_conv1d(module) else w
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.formats.act import ActSpec
 from lowbit.formats.spec import QuantSpec
 from lowbit.kernels.dispatch import linear_kernel
 from lowbit.tensor import QuantizedWeight
@@ -17,36 +18,63 @@ class QuantLinear(nn.Module):
     packed checkpoint: ``qdata``, ``scale``, …); ``bias`` stays a float parameter (frozen).
     The forward is differentiable w.r.t. the input, which is what training adapters through a
     quantized base (QLoRA) needs.
+
+    With an ``act_spec`` the input is quantized too (W8A8; LLM.int8 when it has an
+    ``outlier_threshold``). A static ``act_spec`` adds the calibrated buffers ``input_scale`` and
+    ``input_zero`` (float32 [1]) to the state dict; dynamic ones compute scales from each input.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True,
-                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+                 tensors: dict[str, torch.Tensor] | None = None, act_spec: ActSpec | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
+        self.act_spec = act_spec
         self._tensor_names: list[str] = []
         if tensors is not None:
             self._set_tensors(tensors)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        if act_spec is not None and not act_spec.dynamic:
+            self.register_buffer("input_scale", torch.ones(1))
+            self.register_buffer("input_zero", torch.zeros(1))
 
     @classmethod
-    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
+                    act_spec: ActSpec | None = None, input_scale: torch.Tensor | None = None,
+                    input_zero: torch.Tensor | None = None) -> "QuantLinear":
+        """Wrap a stored weight; a static ``act_spec`` needs its calibrated ``input_scale`` (and, when
+        asymmetric, ``input_zero``), float [1]."""
         out_features, in_features = weight.shape
-        module = cls(in_features, out_features, weight.spec, bias=bias is not None, tensors=weight.tensors)
+        module = cls(in_features, out_features, weight.spec, bias=bias is not None, tensors=weight.tensors,
+                     act_spec=act_spec)
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        if act_spec is not None and not act_spec.dynamic:
+            if input_scale is None:
+                raise ValueError("a static act_spec needs the calibrated input_scale")
+            module.set_input_qparams(input_scale, input_zero if input_zero is not None else torch.zeros(1))
         return module
 
     @classmethod
-    def from_float(cls, linear: nn.Module, spec: QuantSpec, name: str = "weight") -> "QuantLinear":
+    def from_float(cls, linear: nn.Module, spec: QuantSpec, name: str = "weight", *,
+                   act_spec: ActSpec | None = None, input_scale: torch.Tensor | None = None,
+                   input_zero: torch.Tensor | None = None) -> "QuantLinear":
         """Quantize an ``nn.Linear`` (weight [out, in]) or transformers ``Conv1D`` (weight [in, out])."""
         weight = linear.weight.detach()
         if _is_conv1d(linear):
             weight = weight.t()
         qw = QuantizedWeight.from_float(weight, spec, name)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls.from_weight(qw, bias)
+        return cls.from_weight(qw, bias, act_spec=act_spec, input_scale=input_scale, input_zero=input_zero)
+
+    def set_input_qparams(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store calibrated static activation qparams (float [1] each)."""
+        if self.act_spec is None or self.act_spec.dynamic:
+            raise ValueError("input qparams belong to layers with a static act_spec")
+        device = scale.device if self.input_scale.is_meta else self.input_scale.device
+        self.input_scale = scale.detach().float().reshape(1).to(device)
+        self.input_zero = zero.detach().float().reshape(1).to(device)
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in self._tensor_names:
@@ -63,10 +91,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.weight
-        return linear_kernel(qw, x.device)(x, qw, self.bias)
+        if self.act_spec is None:
+            return linear_kernel(qw, x.device)(x, qw, self.bias)
+        scale, zero = getattr(self, "input_scale", None), getattr(self, "input_zero", None)
+        return linear_kernel(qw, x.device, self.act_spec)(x, qw, self.bias, self.act_spec, scale, zero)
 
     def dequantize(self) -> nn.Linear:
-        """A float nn.Linear with the dequantized weight."""
+        """A float nn.Linear with the dequantized weight (activation quantization is dropped)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(self.weight.dequantize())
@@ -76,7 +107,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, spec={self.spec.describe()}")
+                f"bias={self.bias is not None}, spec={self.spec.describe()}"
+                + ("" if self.act_spec is None else f", act={self.act_spec.describe()}"))
 
 
 def _is_conv1d(module: nn.Module) -> bool:
