@@ -88,3 +88,17 @@ def test_quantization_config_is_versioned(llama_dir: Path, tmp_path: Path) -> No
     qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "lowbit" and qcfg["format_version"] == 1
     assert qcfg["default_spec"]["bits"] == 4 and len(qcfg["modules"]) == 14
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_calibration_free_methods_stream_and_reload(method: str, llama_dir: Path, tmp_path: Path) -> None:
+    recipe = lowbit.QuantRecipe(QuantSpec.int_(4, 64, symmetric=False), method=method)
+    result = lowbit.quantize_pretrained(llama_dir, recipe, tmp_path / "q", show_progress=False)
+    model = lowbit.load(tmp_path / "q")
+    in_memory = lowbit.quantize(lowbit.load(llama_dir), recipe)
+    inputs = _inputs(model.config.vocab_size)
+    assert torch.equal(_out(model, inputs), _out(in_memory, inputs))
+    stored = {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert stored == result.layer_specs
+    if method == "hqq":
+        assert all(spec.zero_dtype == "float16" for spec in stored.values())

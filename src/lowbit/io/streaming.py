@@ -85,6 +85,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     prefix = getattr(model, "base_model_prefix", "") or ""
     counted = set(counted_linear_names(model))
     size = SizeReport()
+    stored_specs: dict[str, QuantSpec] = {}
     files = weight_files(src)
     done: set[str] = set()
     with atomic_output_dir(out, overwrite) as tmp:
@@ -102,6 +103,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
                         if is_conv1d(modules[module_name]):
                             weight = weight.t()
                         qw = quantize_weight(weight, targets[module_name], module_name)
+                        stored_specs[module_name] = qw.spec  # may differ from the request (HQQ: float zeros)
                         for tname, t in qw.tensors.items():
                             writer.add(f"{module_name}.{tname}", t)
                         _account(size, qw.numel, qw.nbytes, module_name in counted, True)
@@ -119,10 +121,10 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
             raise CorruptFileError(f"{src}: checkpoint has no weight for layer(s) {', '.join(missing[:5])}")
         writer.finish()
         config.pop("quantization_config", None)
-        config["quantization_config"] = make_quantization_config(targets, recipe.method, {"source": str(source)})
+        config["quantization_config"] = make_quantization_config(stored_specs, recipe.method, {"source": str(source)})
         write_json(tmp / "config.json", config)
         copy_aux_files(src, tmp)
-    return QuantizeResult(Path(out), len(targets), size, time.perf_counter() - start, targets)
+    return QuantizeResult(Path(out), len(stored_specs), size, time.perf_counter() - start, stored_specs)
 
 
 def _account(size: SizeReport, numel: int, nbytes: int, counted: bool, is_param: bool) -> None:
