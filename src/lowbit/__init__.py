@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.formats.act import ActSpec  # noqa: E402
 from lowbit.formats.spec import QuantSpec  # noqa: E402
 from lowbit.io.checkpoint import load, save  # noqa: E402
 from lowbit.io.streaming import quantize_pretrained  # noqa: E402
@@ -15,8 +16,10 @@ from lowbit.nn.quant_linear import QuantLinear  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
 from lowbit.recipe import LayerOverride, QuantRecipe  # noqa: E402
 from lowbit.tensor import QuantizedWeight, quantize_tensor  # noqa: E402
+from lowbit.activation import quantize_llm_int8, quantize_w8a8  # noqa: E402
 
 __all__ = [
-    "LayerOverride", "LowbitError", "QuantLinear", "QuantRecipe", "QuantSpec", "QuantizedWeight",
-    "__version__", "load", "quantize", "quantize_pretrained", "quantize_tensor", "save",
+    "ActSpec", "LayerOverride", "LowbitError", "QuantLinear", "QuantRecipe", "QuantSpec", "QuantizedWeight",
+    "__version__", "load", "quantize", "quantize_llm_int8", "quantize_pretrained", "quantize_tensor",
+    "quantize_w8a8", "save",
 ]

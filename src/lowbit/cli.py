@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from lowbit.errors import InvalidSpecError, LowbitError
 
 FORMAT_CHOICES = ("int", "nf4", "fp4", "fp8", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
-METHOD_CHOICES = ("rtn", "hqq", "gptq", "awq")
+METHOD_CHOICES = ("rtn", "hqq", "gptq", "awq", "static", "smoothquant", "llm-int8")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: matching layers use BITS instead (repeatable, int format)")
     q.add_argument("--recipe", default=None, help="JSON/YAML recipe (default spec, skip, include, overrides)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
-    c = q.add_argument_group("calibration (gptq, awq)")
+    c = q.add_argument_group("calibration (gptq, awq, static, smoothquant)")
     c.add_argument("--calib", default="builtin", metavar="DATA",
                    help="text file, .jsonl, directory of texts, or saved `datasets` dataset (default: built-in corpus)")
     c.add_argument("--calib-field", default="text", help="text field of JSONL records / dataset column")
@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy "
                                                             "(static groups, no runtime permutation)")
     c.add_argument("--device", default="cpu", help="compute device for calibration (cpu, cuda, cuda:1 …)")
+    a = q.add_argument_group("activations (static, smoothquant, llm-int8; weights default to int8 per-channel sym)")
+    a.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
+    a.add_argument("--threshold", type=float, default=None, help="LLM.int8 outlier threshold (default 6.0)")
+    a.add_argument("--act-dynamic", action="store_true", help="dynamic per-token activation scales (no calibration)")
+    a.add_argument("--act-observer", default=None, choices=("minmax", "ema", "percentile", "mse"),
+                   help="static activation observer (default minmax)")
+    a.add_argument("--act-sym", action="store_true", help="symmetric activation codes (default asymmetric)")
     _common(q)
 
     e = sub.add_parser("eval", help="size, bits per weight, perplexity, embedding similarity")
@@ -131,6 +138,9 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
             recipe = QuantRecipe(recipe.default, recipe.method, tuple(args.skip or recipe.skip),
                                  tuple(args.include) if args.include else recipe.include, recipe.overrides)
         return recipe
+    activation_method = args.method in ("static", "smoothquant", "llm-int8")
+    if activation_method and all(v is None for v in (args.format, args.bits, args.group_size, args.symmetric)):
+        args.bits, args.group_size, args.symmetric = 8, 0, True  # W8A8: int8 per-channel symmetric weights
     fmt = args.format or "int"
     if fmt != "int" and args.bits not in (None, {"nf4": 4, "fp4": 4, "fp16": 16, "bf16": 16}.get(fmt, 8)):
         raise InvalidSpecError(f"--bits {args.bits} does not apply to --format {fmt}")
@@ -154,16 +164,31 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
         if fmt != "int":
             raise InvalidSpecError("--layer-bits needs --format int")
         overrides.append(LayerOverride(pattern, default.replace(bits=int(bits))))
-    options: dict[str, Any] = {}
-    if args.method == "gptq":
-        if args.damp is not None:
-            options["damp"] = args.damp
-        if args.act_order:
-            options["act_order"] = True
-    elif args.damp is not None or args.act_order:
-        raise InvalidSpecError("--damp/--act-order apply to --method gptq only")
+    options = method_options_from_args(args)
     return QuantRecipe(default, args.method, tuple(args.skip) if args.skip else DEFAULT_SKIP,
                        tuple(args.include) if args.include else None, tuple(overrides), options)
+
+
+def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Method options from the flags; a flag for another method is an error, not silently ignored."""
+    flags = {  # option name: (value given, methods it applies to)
+        "damp": (args.damp, ("gptq",)),
+        "act_order": (args.act_order or None, ("gptq",)),
+        "alpha": (args.alpha, ("smoothquant",)),
+        "threshold": (args.threshold, ("llm-int8",)),
+        "act_dynamic": (args.act_dynamic or None, ("static", "smoothquant")),
+        "act_observer": (args.act_observer, ("static", "smoothquant")),
+        "act_symmetric": (args.act_sym or None, ("static", "smoothquant")),
+    }
+    options = {}
+    for name, (value, methods) in flags.items():
+        if value is None:
+            continue
+        if args.method not in methods:
+            flag = "--" + name.replace("_", "-").replace("act-symmetric", "act-sym")
+            raise InvalidSpecError(f"{flag} applies to --method {' / '.join(methods)}, not {args.method}")
+        options[name] = value
+    return options
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

@@ -35,13 +35,24 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
         the same ``model`` object, its layers now :class:`~lowbit.nn.QuantLinear`.
     """
     recipe = as_recipe(spec_or_recipe)
-    if recipe.calibrated:
+    if not recipe.streams:
         from lowbit.algorithms.calib_data import CalibConfig
-        from lowbit.algorithms.ptq import quantize_calibrated
+        from lowbit.algorithms.weight_only import method_config
 
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-        return quantize_calibrated(model, recipe, tokenizer, calibration or CalibConfig(), device=device,
-                                   show_progress=show_progress)
+        options = method_config(recipe)
+        needs_data = recipe.method != "llm-int8" and not getattr(options, "act_dynamic", False)
+        if tokenizer is None and needs_data:
+            tokenizer = load_tokenizer(model)
+        calibration = calibration or CalibConfig()
+        if recipe.method in ("gptq", "awq"):
+            from lowbit.algorithms.ptq import quantize_calibrated
+
+            return quantize_calibrated(model, recipe, tokenizer, calibration, device=device,
+                                       show_progress=show_progress)
+        from lowbit.algorithms.w8a8 import quantize_with_activations
+
+        return quantize_with_activations(model, recipe, options, tokenizer, calibration, device=device,
+                                         show_progress=show_progress)
     targets = select_targets(model, recipe)
     check_target_shapes(model, targets)
     quantize_weight = weight_quantizer(recipe)

@@ -16,8 +16,10 @@ from typing import Any
 from lowbit.errors import InvalidSpecError
 from lowbit.formats.spec import QuantSpec
 
-METHODS = ("rtn", "hqq", "gptq", "awq")
-CALIBRATED_METHODS = ("gptq", "awq")
+METHODS = ("rtn", "hqq", "gptq", "awq", "static", "smoothquant", "llm-int8")
+STREAMING_METHODS = ("rtn", "hqq")           # calibration-free, tensor by tensor from the shards
+LAYERWISE_METHODS = ("gptq", "awq")          # block-by-block runner (blocks can be read lazily)
+ACTIVATION_METHODS = ("static", "smoothquant", "llm-int8")  # activations quantized too
 DEFAULT_SKIP = ("lm_head",)
 
 
@@ -81,8 +83,8 @@ class QuantRecipe:
         }
 
     @property
-    def calibrated(self) -> bool:
-        return self.method in CALIBRATED_METHODS
+    def streams(self) -> bool:
+        return self.method in STREAMING_METHODS
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "QuantRecipe":

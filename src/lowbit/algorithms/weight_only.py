@@ -23,8 +23,10 @@ def method_config(recipe: QuantRecipe) -> Any:
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.algorithms.hqq import HQQConfig
+    from lowbit.algorithms.w8a8 import W8A8Options
 
-    classes = {"gptq": GPTQConfig, "awq": AWQConfig, "hqq": HQQConfig}
+    classes = {"gptq": GPTQConfig, "awq": AWQConfig, "hqq": HQQConfig, "static": W8A8Options,
+               "smoothquant": W8A8Options, "llm-int8": W8A8Options}
     options = dict(recipe.options)
     if recipe.method not in classes:
         if options:

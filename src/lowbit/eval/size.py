@@ -46,8 +46,8 @@ def model_size(model: nn.Module) -> SizeReport:
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
         module_name, _, attr = name.rpartition(".")
-        if module_name in quant_modules and attr != "bias":
-            continue
+        if module_name in quant_modules and attr in quant_modules[module_name]._tensor_names:
+            continue  # counted above as the stored weight (bias, input scales: counted here)
         if id(tensor) in seen:
             continue  # tied weights are stored once
         seen.add(id(tensor))

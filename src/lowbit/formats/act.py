@@ -11,10 +11,11 @@ calibrated scale/zero-point stored as the module's ``input_scale``/``input_zero`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lowbit.errors import InvalidSpecError
+from lowbit.formats.spec import spec_from_dict
 
 ACT_GRANULARITIES = ("tensor", "token")
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
@@ -117,16 +118,7 @@ class ActSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "act_spec") -> "ActSpec":
-        if not isinstance(data, dict):
-            raise InvalidSpecError(f"{where}: expected an object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidSpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        try:
-            return cls(**data)
-        except (InvalidSpecError, TypeError) as exc:
-            raise InvalidSpecError(f"{where}: {exc}") from None
+        return spec_from_dict(cls, data, where)
 
 
 def _number(value: Any) -> bool:

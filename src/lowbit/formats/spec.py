@@ -7,7 +7,7 @@ algorithms (RTN, GPTQ, AWQ, …) only decide *which* values go into that format.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from lowbit.errors import InvalidSpecError
 
@@ -149,15 +149,21 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "spec") -> "QuantSpec":
-        if not isinstance(data, dict):
-            raise InvalidSpecError(f"{where}: expected an object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidSpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        try:
-            return cls(**data)
-        except InvalidSpecError as exc:
-            raise InvalidSpecError(f"{where}: {exc}") from None
-        except TypeError as exc:
-            raise InvalidSpecError(f"{where}: {exc}") from None
+        return spec_from_dict(cls, data, where)
+
+
+SpecT = TypeVar("SpecT")
+
+
+def spec_from_dict(cls: type[SpecT], data: Any, where: str) -> SpecT:
+    """Build a frozen spec dataclass from JSON data; unknown keys and bad values are InvalidSpecError."""
+    if not isinstance(data, dict):
+        raise InvalidSpecError(f"{where}: expected an object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidSpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    try:
+        return cls(**data)
+    except (InvalidSpecError, TypeError) as exc:
+        raise InvalidSpecError(f"{where}: {exc}") from None

@@ -25,7 +25,7 @@ from lowbit.models.targets import check_target_shapes, counted_linear_names, is_
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.formats.spec import QuantSpec
-from lowbit.recipe import QuantRecipe, as_recipe
+from lowbit.recipe import LAYERWISE_METHODS, QuantRecipe, as_recipe
 from lowbit.algorithms.weight_only import weight_quantizer
 from lowbit.tensor import check_finite
 
@@ -64,7 +64,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     recipe = as_recipe(spec_or_recipe)
     if Path(out).exists() and not overwrite:  # fail before any work, not after it
         raise OutputExistsError(f"{out}: already exists; choose another output path or pass --overwrite")
-    if recipe.calibrated:
+    if not recipe.streams:
         return _quantize_loaded(source, recipe, Path(out), overwrite, show_progress, max_shard_bytes, start,
                                 calibration=calibration, device=device)
     src = resolve_model_dir(source)
@@ -149,13 +149,13 @@ def _quantize_loaded(source: str | Path, recipe: QuantRecipe, out: Path, overwri
     config = read_json(resolve_model_dir(source) / "config.json")
     already_quantized = bool(quantized_layers(config, str(source))[0])
     # calibrated methods on a float model: blocks are read from disk one at a time
-    model = load(source, lazy_blocks=recipe.calibrated and not already_quantized)
+    model = load(source, lazy_blocks=recipe.method in LAYERWISE_METHODS and not already_quantized)
     if already_quantized:
         warnings.warn(f"{source} is already quantized: re-quantizing its dequantized weights compounds the rounding "
                       "error; quantize the float model instead where you have it", stacklevel=3)
         dequantize_model(model)
     quantize(model, recipe, calibration=calibration, device=device, show_progress=show_progress)
-    extra = {"source": str(source)} if recipe.calibrated else None
+    extra = None if already_quantized else {"source": str(source)}
     save(model, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes, extra_config=extra)
     specs = {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     return QuantizeResult(out, len(specs), model_size(model), time.perf_counter() - start, specs)

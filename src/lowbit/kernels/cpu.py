@@ -2,8 +2,8 @@
 
 Exact integer accumulation, so it matches :func:`lowbit.kernels.reference.linear_w8a8` up to
 float32 rounding of the final scaling (the reference rounds inside its float matmul instead).
-Handles symmetric int8 weights with per-channel or per-tensor scales and 8-bit activations
-(symmetric or asymmetric, static or dynamic, with or without LLM.int8 outlier columns).
+Handles symmetric int8 weights with per-channel or per-tensor scales and any activation spec
+(≤ 8-bit codes, symmetric or asymmetric, static or dynamic, with or without LLM.int8 outlier columns).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lowbit.tensor import QuantizedWeight
 
 def supports_int8(weight: QuantizedWeight, act_spec: ActSpec | None) -> bool:
     spec = weight.spec
-    return (act_spec is not None and act_spec.bits == 8 and hasattr(torch, "_int_mm")
+    return (act_spec is not None and hasattr(torch, "_int_mm")
             and spec.format == "int" and spec.bits == 8 and spec.symmetric and not spec.double_quant
             and spec.granularity in ("channel", "tensor"))
 
