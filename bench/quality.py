@@ -27,7 +27,8 @@ from lowbit.eval.perplexity import perplexity, tokenize_text
 from lowbit.models.resolve import builtin_dir
 
 WEIGHT_SPECS = [("w4g128", 4, 128), ("w3g128", 3, 128), ("w2g64", 2, 64)]
-WEIGHT_METHODS = [("RTN", "rtn", {}), ("GPTQ", "gptq", {}), ("GPTQ+act-order", "gptq", {"act_order": True}),
+WEIGHT_METHODS = [("RTN", "rtn", {}), ("GPTQ (no act-order)", "gptq", {"act_order": False}),
+                  ("GPTQ+act-order", "gptq", {"act_order": True}),
                   ("AWQ", "awq", {}), ("HQQ", "hqq", {})]
 
 
@@ -104,7 +105,7 @@ def print_tables(lm: list[dict], minilm: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="w4g128 only")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")

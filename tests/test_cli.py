@@ -39,7 +39,7 @@ def test_eval_without_text_reports_size(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_info(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    _run_json(["quantize", "builtin:tiny-lm", "--format", "nf4", "--double-quant", "--layer-bits", "x=8",
+    _run_json(["quantize", "builtin:tiny-lm", "--format", "nf4", "--double-quant",
                "-o", str(tmp_path / "q"), "--json", "--quiet"], capsys)
     info = _run_json(["info", str(tmp_path / "q"), "--json"], capsys)
     assert info["quantized"] and info["method"] == "rtn" and info["format_version"] == 1

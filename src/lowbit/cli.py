@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
     c.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
-    c.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy "
-                                                            "(static groups, no runtime permutation)")
+    c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by decreasing activation energy, with static groups so no runtime "
+                        "permutation is needed (default: on)")
     c.add_argument("--device", default="cpu", help="compute device for calibration (cpu, cuda, cuda:1 …)")
     a = q.add_argument_group("activations (static, smoothquant, llm-int8; weights default to int8 per-channel sym)")
     a.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
@@ -173,7 +174,7 @@ def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Method options from the flags; a flag for another method is an error, not silently ignored."""
     flags = {  # option name: (value given, methods it applies to)
         "damp": (args.damp, ("gptq",)),
-        "act_order": (args.act_order or None, ("gptq",)),
+        "act_order": (args.act_order, ("gptq",)),
         "alpha": (args.alpha, ("smoothquant",)),
         "threshold": (args.threshold, ("llm-int8",)),
         "act_dynamic": (args.act_dynamic or None, ("static", "smoothquant")),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InvalidWeightError, UnsupportedModelError
+from lowbit.memory import release_memory, return_large_allocations_to_os
 from lowbit.models.targets import is_linear, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
@@ -98,7 +99,7 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                        targets: dict[str, Any], make_stats: Callable[[str, nn.Module], LayerStats],
                        replace: Callable[[LayerJob], nn.Module], device: torch.device | str = "cpu",
                        prepare_block: Callable[[nn.Module, str, dict[str, LayerJob], Callable[[], Any]], None] | None = None,
-                       show_progress: bool = True) -> dict[str, nn.Module]:
+                       sequential: bool = False, show_progress: bool = True) -> dict[str, nn.Module]:
     """Quantize the ``targets`` inside the model's blocks, block by block, on calibration ``batches``.
 
     Args:
@@ -108,10 +109,14 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         prepare_block: optional; called with (block, "prefix.i.", {local name: LayerJob}, run) after the
             statistics are collected and before any layer is replaced, where ``run()`` runs the block on
             the first calibration batch — for transforms over several layers (AWQ's scale folding).
+        sequential: quantize a block's layers stage by stage in execution order (layers reading the same
+            input form a stage: q/k/v, then o_proj, then gate/up, then down_proj), each stage's statistics
+            collected with the earlier stages already quantized ("true sequential" GPTQ).
     Returns:
         {name: new module} of the layers replaced.
     """
     device = torch.device(device)
+    return_large_allocations_to_os()
     prefix, blocks = find_blocks(model)
     lazy = getattr(model, "lowbit_lazy_blocks", None)  # blocks read from disk one at a time
 
@@ -129,26 +134,53 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         block = blocks[index].to(device)
         block_prefix = f"{prefix}.{index}."
         layers = {n: m for n, m in block.named_modules() if n and is_linear(m) and block_prefix + n in targets}
-        stats = {n: make_stats(block_prefix + n, m) for n, m in layers.items()}
-        handles = [m.register_forward_hook(_feeder(stats[n], block_prefix + n)) for n, m in layers.items()]
-        try:
-            _run_block(block, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        jobs = {name: LayerJob(block_prefix + name, module, stats[name]) for name, module in layers.items()}
-        if prepare_block is not None:
-            h0, a0, kw0 = inputs.hidden[0], inputs.args[0], inputs.kwargs[0]
-            with torch.no_grad():
-                prepare_block(block, block_prefix, jobs, lambda: block(h0, *a0, **kw0))
-        for name, module in layers.items():
-            new = replace(jobs[name]).to(device)
-            set_submodule(block, name, new)
-            done[block_prefix + name] = new
-        del stats
+        stages = _stages(block, layers, inputs) if sequential else [list(layers)]
+        for stage in stages:
+            jobs = _collect(block, block_prefix, {n: layers[n] for n in stage}, inputs, make_stats)
+            if prepare_block is not None:
+                h0, a0, kw0 = inputs.hidden[0], inputs.args[0], inputs.kwargs[0]
+                with torch.no_grad():
+                    prepare_block(block, block_prefix, jobs, lambda: block(h0, *a0, **kw0))
+            for name, job in jobs.items():
+                new = replace(job).to(device)
+                set_submodule(block, name, new)
+                done[block_prefix + name] = new
+            del jobs
         inputs.hidden = _run_block(block, inputs)
         blocks[index] = block.to(block_device[id(blocks[index])])
+        release_memory()  # the block's float weights and statistics are garbage now
     return done
+
+
+def _collect(block: nn.Module, block_prefix: str, layers: dict[str, nn.Module], inputs: BlockInputs,
+             make_stats: Callable[[str, nn.Module], LayerStats]) -> dict[str, LayerJob]:
+    """Run the block on every calibration batch, feeding each layer's inputs to its statistics."""
+    stats = {n: make_stats(block_prefix + n, m) for n, m in layers.items()}
+    handles = [m.register_forward_hook(_feeder(stats[n], block_prefix + n)) for n, m in layers.items()]
+    try:
+        _run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: LayerJob(block_prefix + name, module, stats[name]) for name, module in layers.items()}
+
+
+@torch.no_grad()
+def _stages(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]]:
+    """The block's target layers grouped by shared input tensor, in execution order."""
+    order: list[tuple[int, str]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: order.append((id(args[0]), name)))
+               for n, m in layers.items()]
+    try:
+        block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    stages: dict[int, list[str]] = {}
+    for tensor_id, name in order:
+        if name not in (n for stage in stages.values() for n in stage):
+            stages.setdefault(tensor_id, []).append(name)
+    return list(stages.values())
 
 
 def _feeder(stats: LayerStats, name: str) -> Callable:

@@ -40,12 +40,16 @@ class HessianAccumulator:
 class GPTQConfig:
     damp: float = 0.01          # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128       # columns per lazy batch update
-    act_order: bool = False     # process columns by decreasing Hessian diagonal (with static groups)
+    act_order: bool = True      # process columns by decreasing Hessian diagonal (static groups: no runtime cost)
+    true_sequential: bool = True  # quantize a block's layers stage by stage (see calibrate.run_layer_by_layer)
+    mse_clip: bool = True       # choose each group's range by a shrink grid minimising |w − q(w)|^2.4
+    mse_grid: int = 80
+    mse_max_shrink: float = 0.8
     max_damp_retries: int = 6
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig = GPTQConfig(),
-                  name: str = "weight") -> QuantizedWeight:
+                  name: str = "weight", *, consume_hessian: bool = False) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` [N, K] (float) given the input Hessian ``hessian`` [K, K].
 
     Integer formats only (per-channel or per-group). With ``act_order`` the group parameters are
@@ -58,18 +62,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     g = spec.group_size if spec.granularity == "group" else k
     if k % g:
         P.grouped(w, spec, name)  # raises the standard ShapeError
-    h = hessian.to(w.device, torch.float32).clone()
+    h = hessian.to(w.device, torch.float32)
+    if h is hessian and not consume_hessian:
+        h = h.clone()  # ``consume_hessian``: the caller's Hessian is overwritten instead of copied (K×K saved)
+    del hessian
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
     static_scale = static_zero = None
     if config.act_order:
-        static_scale, static_zero = int_qparams(w, spec, name)  # [N, K/g] from the original weight
+        static_scale, static_zero = _group_qparams(w, spec, config, name)  # [N, K/g] from the original weight
     perm = torch.argsort(torch.diag(h), descending=True) if config.act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_cholesky(h, config, name)
+    del h
 
     q_all = torch.zeros_like(w)
     scale = torch.zeros(n, k // g, dtype=torch.float32, device=w.device)
@@ -90,7 +98,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             if static_scale is None and original % g == 0:
                 # dynamic groups: parameters from the already error-compensated weights of this group
                 cols = w1[:, i : i + g] if i + g <= i2 - i1 else torch.cat([w1[:, i:], w[:, i2 : column + g]], 1)
-                s, z = int_qparams(cols, spec.replace(granularity="channel", group_size=None), name)
+                s, z = _group_qparams(cols, spec.replace(granularity="channel", group_size=None), config, name)
                 scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
             s, z = scale[:, group], zero[:, group]
             col = w1[:, i]
@@ -106,20 +114,53 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     return QuantizedWeight.from_qparams(q_all, spec, scale, zero, name)
 
 
+def _group_qparams(w: torch.Tensor, spec: QuantSpec, config: GPTQConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero [R, G] for ``w``: the min/max range, or (``mse_clip``) the shrunk range with least error."""
+    scale, zero = int_qparams(w, spec, name)
+    if not config.mse_clip:
+        return scale, zero
+    x = P.grouped(w.float(), spec, name)  # [R, G, g]
+    qmin, qmax = P.int_range(spec.bits, spec.symmetric)
+
+    def error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        q = (torch.clamp(torch.round(x / s.unsqueeze(-1) + z.unsqueeze(-1)), qmin, qmax) - z.unsqueeze(-1)) * s.unsqueeze(-1)
+        return (q - x).abs().pow(2.4).sum(-1)
+
+    best = error(scale, zero)
+    steps = int(config.mse_max_shrink * config.mse_grid)
+    for i in range(1, steps):
+        ratio = 1 - i / config.mse_grid
+        s_try, z_try = int_qparams((x * ratio).reshape(w.shape), spec, name)
+        err = error(s_try, z_try)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s_try, scale)
+        zero = torch.where(better, z_try, zero)
+    return scale, zero
+
+
 def _inverse_hessian_cholesky(h: torch.Tensor, config: GPTQConfig, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ after dampening; raises the dampening (with a warning) if H is not PD."""
+    """Upper Cholesky factor of H⁻¹ after dampening; raises the dampening (with a warning) if H is not PD.
+
+    ``h`` (a private copy) is dampened in place; at most three K×K matrices are alive at once.
+    """
     damp = config.damp
-    mean_diag = torch.mean(torch.diag(h))
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = torch.mean(torch.diag(h)).item()
+    added = 0.0
     for attempt in range(config.max_damp_retries + 1):
+        h.diagonal().add_(damp * mean_diag - added)
+        added = damp * mean_diag
         try:
-            lower = torch.linalg.cholesky(h + damp * mean_diag * eye)
-            inverse = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inverse, upper=True)
+            lower = torch.linalg.cholesky(h)
         except torch.linalg.LinAlgError:
             if attempt == config.max_damp_retries:
                 raise
             new = damp * 10
             warnings.warn(f"{name}: Hessian not positive definite with damp={damp:g}; retrying with damp={new:g}")
             damp = new
+            continue
+        del h
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        return torch.linalg.cholesky(inverse, upper=True)
     raise AssertionError("unreachable")

@@ -34,11 +34,15 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
             return HessianAccumulator(linear_dims(module)[0], device=device)
 
         def replace(job: LayerJob) -> QuantLinear:
-            qw = gptq_quantize(float_weight(job.module), job.stats.hessian, targets[job.name], options, job.name)
+            hessian, job.stats.hessian = job.stats.hessian, None  # handed over: GPTQ overwrites it in place
+            qw = gptq_quantize(float_weight(job.module), hessian, targets[job.name], options, job.name,
+                               consume_hessian=True)
             return QuantLinear.from_weight(qw, job.module.bias)
 
         prepare_block = None
+        sequential = options.true_sequential
     else:  # awq
+        sequential = False
         def make_stats(name: str, module: nn.Module) -> Any:
             return InputSampler(linear_dims(module)[0], options.max_rows)
 
@@ -49,7 +53,8 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
             return QuantLinear.from_float(job.module, targets[job.name], job.name)
 
     done = run_layer_by_layer(model, batches, targets=targets, make_stats=make_stats, replace=replace,
-                              device=device, prepare_block=prepare_block, show_progress=show_progress)
+                              device=device, prepare_block=prepare_block, sequential=sequential,
+                              show_progress=show_progress)
     for name in set(targets) - set(done):  # layers outside the block list (e.g. BERT's pooler): plain RTN
         module = model.get_submodule(name)
         set_submodule(model, name, QuantLinear.from_float(module, targets[name], name).to(module.weight.device))
