@@ -87,3 +87,23 @@ def test_calibrated_methods_quantize_every_family(method: str, family: str, requ
     n_linear = sum(isinstance(m, lowbit.QuantLinear) for m in model.modules())
     assert n_linear == result.layers_quantized > 0
     assert model.lowbit_method == method
+
+
+def test_norm_pairs_and_stages_are_exact(llama_dir: Path) -> None:
+    # ids of freed tensors get reused: pairing must not mistake down_proj's input for a norm output
+    from lowbit.algorithms.calibrate import _stages, capture_block_inputs
+    from lowbit.algorithms.smoothing import foldable_pairs
+    from lowbit.models.targets import is_linear
+
+    model = lowbit.load(llama_dir)
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, [{"input_ids": torch.randint(0, 4096, (2, 16))}], torch.device("cpu"))
+    block = blocks[0]
+    for _ in range(3):
+        pairs = foldable_pairs(block, lambda: block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0]))
+        assert pairs == {"input_layernorm": ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+                         "post_attention_layernorm": ["mlp.gate_proj", "mlp.up_proj"]}
+    layers = {n: m for n, m in block.named_modules() if n and is_linear(m)}
+    assert _stages(block, layers, inputs) == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                              ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                                              ["mlp.down_proj"]]

@@ -169,8 +169,13 @@ def _collect(block: nn.Module, block_prefix: str, layers: dict[str, nn.Module], 
 def _stages(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]]:
     """The block's target layers grouped by shared input tensor, in execution order."""
     order: list[tuple[int, str]] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: order.append((id(args[0]), name)))
-               for n, m in layers.items()]
+    alive: list[torch.Tensor] = []  # inputs kept alive during the pass so their id()s stay unique
+
+    def record(name: str, x: torch.Tensor) -> None:
+        alive.append(x)
+        order.append((id(x), name))
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: record(name, args[0])) for n, m in layers.items()]
     try:
         block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
     finally:

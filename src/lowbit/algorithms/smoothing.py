@@ -31,12 +31,17 @@ def norm_consumers(block: nn.Module, run: Any) -> dict[str, list[str]]:
     ``run()`` performs one forward pass of the block.
     """
     produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # keeps every norm output alive so no later tensor can reuse its id()
     consumers: dict[str, list[str]] = {}
     handles = []
+
+    def record(name: str, out: torch.Tensor) -> None:
+        alive.append(out)
+        produced[id(out)] = name
+
     for name, module in block.named_modules():
         if is_norm(module):
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, name=name: produced.__setitem__(id(out), name)))
+            handles.append(module.register_forward_hook(lambda m, a, out, name=name: record(name, out)))
         elif is_linear(module) and name:
             handles.append(module.register_forward_pre_hook(
                 lambda m, a, name=name: consumers.setdefault(produced.get(id(a[0]), ""), []).append(name)
