@@ -38,10 +38,11 @@ def _gptq_peak(tmp_path: Path, layers: int) -> tuple[int, int]:
     return r["rss"], shape.num_params() * 4
 
 
+@pytest.mark.slow  # ~3 min; transient peaks vary by ~100 MB run to run, so it needs the 10-layer margin
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS via getrusage is measured on Linux")
 def test_gptq_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
     small_rss, small_fp32 = _gptq_peak(tmp_path, 2)
-    big_rss, big_fp32 = _gptq_peak(tmp_path, 6)
-    extra_float = big_fp32 - small_fp32  # 4 more blocks: ~180 MB of float weights
+    big_rss, big_fp32 = _gptq_peak(tmp_path, 10)
+    extra_float = big_fp32 - small_fp32  # 8 more blocks: ~360 MB of float weights
     # only their quantized form (~0.14×) and allocator noise may add to the peak
-    assert big_rss - small_rss < 0.3 * extra_float, (small_rss, big_rss, extra_float)
+    assert big_rss - small_rss < 0.5 * extra_float, (small_rss, big_rss, extra_float)
