@@ -7,7 +7,8 @@ from torch import nn
 
 from lowbit.formats.act import ActSpec
 from lowbit.formats.spec import QuantSpec
-from lowbit.kernels.dispatch import linear_kernel
+from lowbit.kernels import dispatch
+from lowbit.kernels.base import PreparedLinear
 from lowbit.tensor import QuantizedWeight
 
 
@@ -32,6 +33,7 @@ class QuantLinear(nn.Module):
         self.spec = spec
         self.act_spec = act_spec
         self._tensor_names: list[str] = []
+        self._prepared: PreparedLinear | None = None  # kernel-layout copy of the weight (not in state_dict)
         if tensors is not None:
             self._set_tensors(tensors)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
@@ -77,6 +79,7 @@ class QuantLinear(nn.Module):
         self.input_zero = zero.detach().float().reshape(1).to(device)
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._prepared = None
         for name in self._tensor_names:
             delattr(self, name)
         self._tensor_names = sorted(tensors)
@@ -89,12 +92,46 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self.spec, (self.out_features, self.in_features),
                                {name: getattr(self, name) for name in self._tensor_names})
 
+    # ---- kernels ------------------------------------------------------------------------
+    def prepare_kernel(self) -> PreparedLinear:
+        """Select the weight-only kernel for the device the weight is on and repack the weight for it.
+
+        Done once and cached; moving the module (``.to()``) or loading a state dict drops the cache.
+        """
+        device = self.qdata.device
+        if self._prepared is None or self._prepared.weight.tensors["qdata"].device != device:
+            self._prepared = dispatch.prepare_weight(self.weight, device)
+        return self._prepared
+
+    def reset_kernel(self) -> None:
+        """Forget the prepared kernel state (the next forward selects and repacks again)."""
+        self._prepared = None
+
+    @property
+    def kernel_name(self) -> str:
+        """The weight-only kernel family this layer runs with (``act:…`` for activation-quantized layers)."""
+        if self.act_spec is not None:
+            kernel = dispatch.linear_kernel(self.weight, self.qdata.device, self.act_spec)
+            return f"act:{getattr(kernel, '__module__', '?')}.{getattr(kernel, '__name__', '?')}"
+        return self.prepare_kernel().kernel.name
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        self._prepared = None  # .to()/.cuda()/.half() replace the buffers: repack for the new ones
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._prepared = None
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qw = self.weight
         if self.act_spec is None:
-            return linear_kernel(qw, x.device)(x, qw, self.bias)
+            prepared = self._prepared
+            if prepared is None:
+                prepared = self.prepare_kernel()
+            return prepared(x, self.bias)
+        qw = self.weight
         scale, zero = getattr(self, "input_scale", None), getattr(self, "input_zero", None)
-        return linear_kernel(qw, x.device, self.act_spec)(x, qw, self.bias, self.act_spec, scale, zero)
+        return dispatch.linear_kernel(qw, x.device, self.act_spec)(x, qw, self.bias, self.act_spec, scale, zero)
 
     def dequantize(self) -> nn.Linear:
         """A float nn.Linear with the dequantized weight (activation quantization is dropped)."""
