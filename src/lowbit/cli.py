@@ -81,7 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no value: lines of the built-in held-out text)")
     e.add_argument("--reference", default=None,
                    help="float model for --similarity (default: the model this one was quantized from)")
+    e.add_argument("--speed", action="store_true",
+                   help="generation speed: prefill a fixed 128-token prompt, then greedily decode 128 tokens "
+                        "with the compiled decode loop (one warm-up run, median of 3); reports "
+                        "prefill_tokens_per_s, decode_tokens_per_s and peak_memory_bytes (peak RSS on CPU)")
+    e.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="--speed: decode eagerly instead of through torch.compile")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _common(e)
+
+    g = sub.add_parser("generate", help="greedy text generation with the compiled decode loop",
+                       description="Greedily continue --prompt with MODEL (static KV cache, compiled decode "
+                                   "step; compilation takes a few seconds on the first token).")
+    g.add_argument("model", help="model directory or builtin:tiny-lm")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--no-compile", dest="compile", action="store_false", help="decode eagerly")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available, else cpu)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    _common(g)
 
     i = sub.add_parser("info", help="describe a model directory without loading its weights")
     i.add_argument("path")
@@ -196,18 +214,68 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.eval.size import model_size
     from lowbit.io.checkpoint import load
 
+    _set_threads(args.threads)
     model = load(args.model)
     summary: dict[str, Any] = {"model": args.model, **model_size(model).to_dict()}
+    if args.speed:
+        summary.update(_eval_speed(model, args))
     if args.ppl is not None:
         summary.update(_eval_ppl(model, args))
     if args.similarity is not None:
         summary.update(_eval_similarity(model, args))
     if not args.json:
         print(f"{args.model}")
-        for key in ("params", "size_bytes", "bits_per_weight", "ppl", "tokens", "cosine", "sentences"):
+        for key in ("params", "size_bytes", "bits_per_weight", "prefill_tokens_per_s", "decode_tokens_per_s",
+                    "peak_memory_bytes", "ppl", "tokens", "cosine", "sentences"):
             if key in summary:
                 print(f"  {key:<16} {summary[key]}")
     return summary
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise InvalidSpecError(f"--threads must be ≥ 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _eval_speed(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.eval.speed import measure_speed
+
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise LowbitError(f"{args.model}: --speed needs a causal language model (this one has no LM head)")
+    report = measure_speed(model, compile=args.compile)
+    return {"prefill_tokens_per_s": round(report.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(report.decode_tokens_per_s, 2),
+            "peak_memory_bytes": report.peak_memory_bytes, "speed_prompt_tokens": report.prompt_tokens,
+            "speed_new_tokens": report.new_tokens, "compiled": report.compiled, "device": report.device}
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from lowbit.generate import generate_text
+    from lowbit.io.checkpoint import load
+
+    _set_threads(args.threads)
+    if args.max_new_tokens < 1:
+        raise InvalidSpecError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.model, device=device)
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise LowbitError(f"{args.model}: generation needs a causal language model (this one has no LM head)")
+    text, result = generate_text(model, _tokenizer(model), args.prompt, args.max_new_tokens, compile=args.compile)
+    if not args.json:
+        print(args.prompt + text)
+        if not args.quiet:
+            print(f"[{len(result.tokens)} tokens, prefill {result.prefill_tokens_per_s:.1f} tok/s, "
+                  f"decode {result.decode_tokens_per_s:.1f} tok/s{'' if result.compiled else ', eager'}]",
+                  file=sys.stderr)
+    return {"text": text, "tokens": result.tokens, "prompt_tokens": result.prompt_tokens,
+            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+            "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2), "compiled": result.compiled}
 
 
 def _tokenizer(model: Any) -> Any:
@@ -280,7 +348,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": [r.to_dict() for r in rows], "seconds": round(time.perf_counter() - start, 3)}
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
+            "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,82 @@
+"""The compiled decode loop: greedy tokens equal eager decoding; CLI generate / eval --speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.formats.spec import QuantSpec
+from lowbit.generate import Generator
+
+PROMPT = torch.tensor([[12, 845, 93, 1207, 5, 388, 2011, 64, 9, 3001, 77, 415]])
+NEW = 24
+# compiled (Inductor) and eager kernels round differently; logits of the demo model are O(10)
+LOGIT_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_lm() -> torch.nn.Module:
+    return lowbit.load("builtin:tiny-lm")
+
+
+def test_eager_static_loop_equals_transformers_generate(tiny_lm: torch.nn.Module) -> None:
+    ours = Generator(tiny_lm, max_cache_len=64, compile=False).generate(PROMPT, NEW)
+    with torch.no_grad():
+        ref = tiny_lm.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    assert ours.tokens == ref[0, PROMPT.shape[1]:].tolist()
+    assert not ours.compiled
+
+
+@pytest.mark.parametrize("spec", [None, QuantSpec.int_(8, None), QuantSpec.int_(4, 128, symmetric=False)],
+                         ids=["fp32", "int8", "int4g128"])
+def test_compiled_greedy_equals_eager(tiny_lm: torch.nn.Module, spec: QuantSpec | None) -> None:
+    model = tiny_lm if spec is None else lowbit.quantize(_copy(tiny_lm), spec)
+    eager = Generator(model, max_cache_len=64, compile=False).generate(PROMPT, NEW, keep_logits=True)
+    compiled = Generator(model, max_cache_len=64, compile=True).generate(PROMPT, NEW, keep_logits=True)
+    assert compiled.compiled, "torch.compile fell back to eager on this machine"
+    assert compiled.tokens == eager.tokens
+    for a, b in zip(compiled.logits, eager.logits):
+        assert torch.allclose(a, b, atol=LOGIT_ATOL, rtol=0), float((a - b).abs().max())
+
+
+def test_generator_input_errors(tiny_lm: torch.nn.Module) -> None:
+    gen = Generator(tiny_lm, max_cache_len=16, compile=False)
+    with pytest.raises(LowbitError, match="exceeds the cache"):
+        gen.generate(PROMPT, 8)
+    with pytest.raises(LowbitError, match="empty"):
+        gen.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(LowbitError, match="one prompt"):
+        gen.generate(torch.zeros(2, 3, dtype=torch.long), 2)
+
+
+def test_cli_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "builtin:tiny-lm", "--prompt", "The interpreter", "--max-new-tokens", "8",
+                 "--no-compile", "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert isinstance(out["text"], str) and out["text"]
+    assert len(out["tokens"]) == 8 and out["decode_tokens_per_s"] > 0
+
+
+def test_cli_eval_speed_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "builtin:tiny-lm", "--speed", "--no-compile", "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes"):
+        assert out[key] > 0, key
+    assert out["speed_prompt_tokens"] == 128 and out["speed_new_tokens"] == 128
+
+
+def test_cli_generate_rejects_encoder(minilm: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(minilm), "--prompt", "hi", "--no-compile"]) == 2
+    assert "causal language model" in capsys.readouterr().err
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
