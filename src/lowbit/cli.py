@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: matching layers use BITS instead (repeatable, int format)")
     q.add_argument("--recipe", default=None, help="JSON/YAML recipe (default spec, skip, include, overrides)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    q.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="cap on this process's memory (e.g. 6GB, 800MiB): work whose estimated peak passes it is "
+                        "refused before it starts, and the run stops with an error (nothing written) if the "
+                        "resident size goes over it; calibrated methods read one block at a time")
     c = q.add_argument_group("calibration (gptq, awq, static, smoothquant)")
     c.add_argument("--calib", default="builtin", metavar="DATA",
                    help="text file, .jsonl, directory of texts, or saved `datasets` dataset (default: built-in corpus)")
@@ -130,9 +134,15 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe = recipe_from_args(args)
     calib = CalibConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_field)
-    result = quantize_pretrained(args.model, recipe, args.out, overwrite=args.overwrite, show_progress=not args.quiet,
-                                 calibration=calib, device=args.device)
+    from lowbit.memory import current_rss, memory_budget
+
+    with memory_budget(args.max_memory):
+        result = quantize_pretrained(args.model, recipe, args.out, overwrite=args.overwrite,
+                                     show_progress=not args.quiet, calibration=calib, device=args.device)
     summary = result.to_dict()
+    if args.max_memory is not None:
+        summary["max_memory_bytes"] = memory_budget(args.max_memory).limit
+        summary["peak_rss_bytes"] = _peak_rss() or current_rss()
     stored = Counter(spec.describe() for spec in result.layer_specs.values())
     summary["spec"] = stored.most_common(1)[0][0] if stored else recipe.default.describe()
     if not args.json:
@@ -230,6 +240,17 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             if key in summary:
                 print(f"  {key:<16} {summary[key]}")
     return summary
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _set_threads(threads: int | None) -> None:

@@ -33,3 +33,7 @@ class UnsupportedModelError(LowbitError):
 
 class OutputExistsError(LowbitError, FileExistsError):
     """The output path already exists and overwriting was not requested."""
+
+
+class MemoryBudgetError(LowbitError, MemoryError):
+    """The work would exceed (or has exceeded) the memory cap the user set (``--max-memory``)."""

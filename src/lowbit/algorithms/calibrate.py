@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InvalidWeightError, UnsupportedModelError
-from lowbit.memory import release_memory, return_large_allocations_to_os
+from lowbit.memory import check_budget, release_memory, return_large_allocations_to_os
 from lowbit.models.targets import is_linear, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
@@ -33,6 +33,7 @@ class LayerJob:
     name: str                 # full module name, e.g. model.layers.3.mlp.down_proj
     module: nn.Module         # the float linear layer (nn.Linear or Conv1D)
     stats: LayerStats
+    last_user: bool = True    # False while later jobs of the stage still read the same (shared) stats
 
 
 @dataclass
@@ -99,7 +100,8 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                        targets: dict[str, Any], make_stats: Callable[[str, nn.Module], LayerStats],
                        replace: Callable[[LayerJob], nn.Module], device: torch.device | str = "cpu",
                        prepare_block: Callable[[nn.Module, str, dict[str, LayerJob], Callable[[], Any]], None] | None = None,
-                       sequential: bool = False, show_progress: bool = True) -> dict[str, nn.Module]:
+                       sequential: bool = False, share_stats: bool = False,
+                       show_progress: bool = True) -> dict[str, nn.Module]:
     """Quantize the ``targets`` inside the model's blocks, block by block, on calibration ``batches``.
 
     Args:
@@ -127,6 +129,7 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     block_device = {id(b): home(b) for b in blocks}
     _move_outside_blocks(model, blocks, device)
     inputs = capture_block_inputs(model, blocks, batches, device)
+    check_budget("after capturing the calibration inputs")
     done: dict[str, nn.Module] = {}
     for index in progress(range(len(blocks)), desc="calibrate", enabled=show_progress, unit="block"):
         if lazy is not None:
@@ -136,7 +139,8 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         layers = {n: m for n, m in block.named_modules() if n and is_linear(m) and block_prefix + n in targets}
         stages = _stages(block, layers, inputs) if sequential else [list(layers)]
         for stage in stages:
-            jobs = _collect(block, block_prefix, {n: layers[n] for n in stage}, inputs, make_stats)
+            jobs = _collect(block, block_prefix, {n: layers[n] for n in stage}, inputs, make_stats,
+                            shared=share_stats and sequential)
             if prepare_block is not None:
                 h0, a0, kw0 = inputs.hidden[0], inputs.args[0], inputs.kwargs[0]
                 with torch.no_grad():
@@ -149,20 +153,30 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         inputs.hidden = _run_block(block, inputs)
         blocks[index] = block.to(block_device[id(blocks[index])])
         release_memory()  # the block's float weights and statistics are garbage now
+        check_budget(f"after block {index}")
     return done
 
 
 def _collect(block: nn.Module, block_prefix: str, layers: dict[str, nn.Module], inputs: BlockInputs,
-             make_stats: Callable[[str, nn.Module], LayerStats]) -> dict[str, LayerJob]:
-    """Run the block on every calibration batch, feeding each layer's inputs to its statistics."""
-    stats = {n: make_stats(block_prefix + n, m) for n, m in layers.items()}
-    handles = [m.register_forward_hook(_feeder(stats[n], block_prefix + n)) for n, m in layers.items()]
+             make_stats: Callable[[str, nn.Module], LayerStats], shared: bool = False) -> dict[str, LayerJob]:
+    """Run the block on every calibration batch, feeding each layer's inputs to its statistics
+    (``shared``: the layers read the same input, so the first layer's statistics serve them all)."""
+    names = list(layers)
+    if shared and names:
+        one = make_stats(block_prefix + names[0], layers[names[0]])
+        stats = {n: one for n in names}
+        feeding = names[:1]
+    else:
+        stats = {n: make_stats(block_prefix + n, m) for n, m in layers.items()}
+        feeding = names
+    handles = [layers[n].register_forward_hook(_feeder(stats[n], block_prefix + n)) for n in feeding]
     try:
         _run_block(block, inputs)
     finally:
         for h in handles:
             h.remove()
-    return {name: LayerJob(block_prefix + name, module, stats[name]) for name, module in layers.items()}
+    return {name: LayerJob(block_prefix + name, layers[name], stats[name],
+                           last_user=not shared or i == len(names) - 1) for i, name in enumerate(names)}
 
 
 @torch.no_grad()

@@ -34,9 +34,12 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
             return HessianAccumulator(linear_dims(module)[0], device=device)
 
         def replace(job: LayerJob) -> QuantLinear:
-            hessian, job.stats.hessian = job.stats.hessian, None  # handed over: GPTQ overwrites it in place
+            # the last layer reading a (shared) Hessian hands it over: GPTQ overwrites it in place
+            hessian = job.stats.hessian
+            if job.last_user:
+                job.stats.hessian = None
             qw = gptq_quantize(float_weight(job.module), hessian, targets[job.name], options, job.name,
-                               consume_hessian=True)
+                               consume_hessian=job.last_user)
             return QuantLinear.from_weight(qw, job.module.bias)
 
         prepare_block = None
@@ -52,9 +55,10 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
         def replace(job: LayerJob) -> QuantLinear:
             return QuantLinear.from_float(job.module, targets[job.name], job.name)
 
+    _require_memory(model, targets, calib, batch_size, recipe)
     done = run_layer_by_layer(model, batches, targets=targets, make_stats=make_stats, replace=replace,
                               device=device, prepare_block=prepare_block, sequential=sequential,
-                              show_progress=show_progress)
+                              share_stats=recipe.method == "gptq", show_progress=show_progress)
     for name in set(targets) - set(done):  # layers outside the block list (e.g. BERT's pooler): plain RTN
         module = model.get_submodule(name)
         set_submodule(model, name, QuantLinear.from_float(module, targets[name], name).to(module.weight.device))
@@ -84,3 +88,29 @@ def _awq_block(block: nn.Module, prefix: str, jobs: dict[str, LayerJob], run: An
         clipped = search_clip(job.stats.rows(), linear_weight(job.module), targets[prefix + name], config)
         with torch.no_grad():
             job.module.weight.copy_(clipped.t() if is_conv1d(job.module) else clipped)
+
+
+def _require_memory(model: nn.Module, targets: dict[str, Any], calib: CalibConfig, batch_size: int,
+                    recipe: QuantRecipe) -> None:
+    """Under ``--max-memory``: refuse before any work when the estimated peak passes the cap.
+
+    The estimate adds to the current RSS: the largest block's float weights (read lazily), the
+    calibration activations (block inputs and outputs, plus one batch's MLP activations), the
+    statistics and GPTQ's K×K transients, and the quantized layers kept until the model is saved.
+    """
+    from lowbit.algorithms.calibrate import find_blocks
+    from lowbit.memory import budget_limit, require
+
+    if budget_limit() is None or not targets:
+        return
+    lazy = getattr(model, "lowbit_lazy_blocks", None)
+    blocks = find_blocks(model)[1]
+    block_bytes = max((lazy.block_nbytes(i) for i in range(len(blocks))), default=0) if lazy is not None else 0
+    dims = [linear_dims(model.get_submodule(name)) for name in targets]
+    k_max = max(k for k, _ in dims)
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    tokens = calib.samples * calib.seq_len
+    activations = 2 * tokens * hidden * 4 + 4 * min(batch_size, calib.samples) * calib.seq_len * k_max * 4
+    statistics = 4 * k_max * k_max * 4 if recipe.method == "gptq" else 2 * k_max * 4096 * 4
+    quantized = sum(k * n for k, n in dims) * (max(spec.bits for spec in targets.values()) + 1) // 8
+    require(block_bytes + activations + statistics + quantized, f"{recipe.method} calibration")

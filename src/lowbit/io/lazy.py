@@ -48,6 +48,25 @@ class LazyBlocks:
         if missing:
             raise CorruptFileError(f"checkpoint lacks tensor(s) of block {index}: {', '.join(missing[:5])}")
 
+    def block_nbytes(self, index: int) -> int:
+        """Bytes block ``index``'s tensors take once read (float ones at the load dtype)."""
+        from lowbit.io.st_format import NAME_DTYPES
+
+        prefix = f"{self.block_prefix}{index}."
+        total = 0
+        for name, (file, key) in self.deferred.items():
+            if not name.startswith(prefix):
+                continue
+            entry = self._header(file)[0][key]
+            dtype = NAME_DTYPES[entry["dtype"]]
+            if dtype.is_floating_point and name not in self.quantized:
+                dtype = self.dtype
+            numel = 1
+            for d in entry["shape"]:
+                numel *= int(d)
+            total += numel * dtype.itemsize
+        return total
+
     def _header(self, file: Path) -> tuple[dict, int]:
         if file not in self._headers:
             self._headers[file] = read_header(file)

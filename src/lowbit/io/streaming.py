@@ -17,6 +17,7 @@ from lowbit.errors import CorruptFileError, OutputExistsError, UnsupportedModelE
 from lowbit.eval.size import SizeReport
 from lowbit.io.checkpoint import copy_aux_files, map_checkpoint_key, quantized_layers
 from lowbit.io.qconfig import make_quantization_config
+from lowbit.memory import check_budget
 from lowbit.io.safetensors_io import stream_tensors, weight_files
 from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
 from lowbit.models.build import build_empty_model
@@ -97,6 +98,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
                     if name is None:
                         continue
                     module_name, _, attr = name.rpartition(".")
+                    check_budget(f"before reading {key}")
                     tensor = get_tensor(key)
                     if module_name in targets and attr == "weight":
                         weight = tensor.float()
