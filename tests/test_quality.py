@@ -25,21 +25,24 @@ def lm():
     return model, tok, ids, perplexity(model, ids).ppl
 
 
-def _ppl(lm, method: str, spec: lowbit.QuantSpec, **options) -> float:
+def _ppl(lm, method: str, spec: lowbit.QuantSpec, seed: int = 0, **options) -> float:
     model, tok, ids, _ = lm
     recipe = lowbit.QuantRecipe(spec, method=method, options=options)
-    return perplexity(lowbit.quantize(copy.deepcopy(model), recipe, calibration=CALIB, tokenizer=tok), ids).ppl
+    calib = CalibConfig(samples=CALIB.samples, seq_len=CALIB.seq_len, seed=seed)
+    return perplexity(lowbit.quantize(copy.deepcopy(model), recipe, calibration=calib, tokenizer=tok), ids).ppl
 
 
-# Issue 3 asks ≤ 0.6 at w4g128: measured 0.55–0.67 here depending on float summation order (GPTQ's
-# rounding decisions are chaotic and this small model's RTN increase is only +0.7 ppl), so the w4 bound
-# asserted is the one met reliably; w3g128 meets the issue's ≤ 0.5 with margin (0.38–0.46).
-@pytest.mark.parametrize("bits,group,bound", [(4, 128, 0.7), (3, 128, 0.5)])
-def test_gptq_cuts_the_perplexity_increase(lm, bits: int, group: int, bound: float) -> None:
+# Issue 3 asks ≤ 0.6 × RTN's increase at w4g128 and ≤ 0.5 × at w3g128. On this small model (RTN adds only
+# +0.7 ppl at w4) one GPTQ run's rounding decisions are chaotic: single runs measured 0.46–0.65 across
+# calibration seeds, thread counts and dampening. So w4 asserts the mean over three calibration seeds;
+# w3 meets its bound on a single run with margin.
+@pytest.mark.parametrize("bits,group,bound,seeds", [(4, 128, 0.6, (0, 1, 2)), (3, 128, 0.5, (0,))])
+def test_gptq_cuts_the_perplexity_increase(lm, bits: int, group: int, bound: float, seeds: tuple[int, ...]) -> None:
     fp32 = lm[3]
     spec = lowbit.QuantSpec.int_(bits, group, symmetric=False)
-    rtn, gptq = _ppl(lm, "rtn", spec), _ppl(lm, "gptq", spec)
-    assert gptq - fp32 <= bound * (rtn - fp32), (fp32, rtn, gptq)
+    rtn = _ppl(lm, "rtn", spec)
+    ratios = [(_ppl(lm, "gptq", spec, seed=seed) - fp32) / (rtn - fp32) for seed in seeds]
+    assert sum(ratios) / len(ratios) <= bound, (fp32, rtn, ratios)
 
 
 @pytest.mark.parametrize("method", ["awq", "hqq"])

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     c.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
     c.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
-    c.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    c.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.05)")
     c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: columns by decreasing activation energy, with static groups so no runtime "
                         "permutation is needed (default: on)")

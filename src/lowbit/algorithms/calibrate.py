@@ -151,6 +151,9 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                 done[block_prefix + name] = new
             del jobs
         inputs.hidden = _run_block(block, inputs)
+        for module in block.modules():  # kernel-layout copies made by that forward are not needed any more
+            if isinstance(module, QuantLinear):
+                module.reset_kernel()
         blocks[index] = block.to(block_device[id(blocks[index])])
         release_memory()  # the block's float weights and statistics are garbage now
         check_budget(f"after block {index}")

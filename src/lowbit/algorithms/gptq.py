@@ -38,7 +38,7 @@ class HessianAccumulator:
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    damp: float = 0.01          # fraction of mean(diag(H)) added to the diagonal
+    damp: float = 0.05          # fraction of mean(diag(H)) added to the diagonal (GPTQModel's default)
     block_size: int = 128       # columns per lazy batch update
     act_order: bool = True      # process columns by decreasing Hessian diagonal (static groups: no runtime cost)
     true_sequential: bool = True  # quantize a block's layers stage by stage (see calibrate.run_layer_by_layer)

@@ -173,7 +173,8 @@ def _load_families(device_type: str) -> None:
         except ModuleNotFoundError as err:
             if err.name is not None and module_name.startswith(err.name):
                 continue  # that family is not part of this installation
-            warnings.warn(f"lowbit: kernels {module_name} unavailable ({err}); using the reference", stacklevel=3)
+            warnings.warn(f"lowbit: fast {device_type} kernels need the package {err.name!r} (pip install "
+                          f"{err.name}); using the reference kernel", stacklevel=3)
         except Exception as err:  # noqa: BLE001 - e.g. no compiler, old driver
             warnings.warn(f"lowbit: kernels {module_name} unavailable ({err}); using the reference", stacklevel=3)
 

@@ -10,20 +10,14 @@ Registers, when imported:
   ``dequantize`` (dequant.py) serves the backward pass;
 * the W8A8 kernel (w8a8.py) for int8 weights with quantized activations (mode ``"act"``).
 
-Importing this package without Triton installed raises ModuleNotFoundError naming this package, which
-dispatch treats as "family not installed" (no warning). Under ``TRITON_INTERPRET=1`` the same kernels
+Importing this package without Triton installed raises ModuleNotFoundError for ``triton``; dispatch
+then warns once (on a CUDA device) that the reference kernel is used and Triton should be installed. Under ``TRITON_INTERPRET=1`` the same kernels
 run on CPU tensors (tests).
 """
 
 from __future__ import annotations
 
-try:  # a missing Triton must fail here, before anything registers
-    import triton  # noqa: F401
-except ModuleNotFoundError as err:
-    if err.name != "triton":
-        raise
-    # dispatch skips a family silently when the missing module is the family itself (or a parent package)
-    raise ModuleNotFoundError(f"{__name__} needs the optional dependency triton", name=__name__) from err
+import triton  # noqa: F401  (a missing Triton fails here, before anything registers)
 
 from lowbit.kernels import dispatch
 from lowbit.kernels.base import WeightKernel
