@@ -32,7 +32,7 @@ def _gptq_peak(tmp_path: Path, layers: int, max_memory: str | None = None) -> tu
             "--group-size", "128", "--calib-samples", "16" if max_memory else "4", "--calib-seq-len", "128",
             "-o", str(tmp_path / f"q{layers}"), "--json", "--quiet"] + (["--max-memory", max_memory] if max_memory else [])
     r = json.loads(subprocess.run([sys.executable, "-c", WRAPPER, *argv], capture_output=True, text=True,
-                                  check=True, timeout=900).stdout)
+                                  check=True, timeout=2400).stdout)
     assert r["rc"] == 0, r["err"]
     assert json.loads(r["out"].strip().splitlines()[-1])["layers_quantized"] == 7 * layers
     return r["rss"], shape.num_params() * 4
@@ -48,12 +48,12 @@ def test_gptq_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
     assert big_rss - small_rss < 0.5 * extra_float, (small_rss, big_rss, extra_float)
 
 
-CAP = 1_000_000_000
+CAP = 1_400_000_000
 
 
-@pytest.mark.slow  # ~4 min on 2 cores
+@pytest.mark.slow  # 8-17 min on 2 cores (measured peak 1.07 GB)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS via getrusage is measured on Linux")
 def test_gptq_quantizes_a_model_larger_than_the_memory_cap(tmp_path: Path) -> None:
-    rss, fp32_bytes = _gptq_peak(tmp_path, 24, max_memory="1GB")
-    assert fp32_bytes > CAP, fp32_bytes  # 1.12 GB of float weights
+    rss, fp32_bytes = _gptq_peak(tmp_path, 32, max_memory="1.4GB")
+    assert fp32_bytes > CAP, fp32_bytes  # 1.48 GB of float weights
     assert rss < CAP, rss  # the whole process (python, torch, transformers included) stayed under the cap
