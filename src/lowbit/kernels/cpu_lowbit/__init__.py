@@ -1,0 +1,36 @@
+"""Fast CPU weight-only kernels: low-bit codes × int8 activations with integer dot products.
+
+Importing this package builds the C++ kernels on first use (``build.py``; cached per machine) and
+registers two :class:`~lowbit.kernels.base.WeightKernel` families with the dispatcher:
+
+* ``cpu`` (priority 10): int8-quantized activations (per 32 columns, like llama.cpp's Q8_0) ×
+  int2/3/4/5/6/8 or nf4/fp4 codes with ``vpdpbusd`` (AVX-512 VNNI), AVX-VNNI or AVX2 ``vpmaddubsw``
+  and a scalar fallback, chosen at run time. Used by default on CPU for the formats it supports.
+* ``cpu_exact`` (priority 5, pick it with ``LOWBIT_KERNEL=cpu_exact`` or
+  ``dispatch.force_kernel("cpu_exact")``): no activation rounding; the weight is dequantized tile by
+  tile in C++ and multiplied with ATen's matmul in x's dtype (the reference's numerics).
+
+If the kernels cannot be built (no compiler …) the import raises :class:`BuildError`; the
+dispatcher then warns and uses the reference kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from lowbit.kernels import dispatch
+from lowbit.kernels.base import WeightKernel
+from lowbit.kernels.cpu_lowbit import ops
+from lowbit.kernels.cpu_lowbit.build import BuildError, load_library
+from lowbit.kernels.cpu_lowbit.layout import CpuPrepared, prepare, supports
+
+CPU_KERNEL = WeightKernel(name="cpu", device_types=("cpu",), supports=supports, prepare=prepare, apply=ops.linear,
+                          dequantize=ops.dequantize, priority=10)
+CPU_EXACT_KERNEL = WeightKernel(name="cpu_exact", device_types=("cpu",), supports=supports,
+                                prepare=functools.partial(prepare, int_max_m=0), apply=ops.linear,
+                                dequantize=ops.dequantize, priority=5)
+
+dispatch.register_weight_kernel(CPU_KERNEL)
+dispatch.register_weight_kernel(CPU_EXACT_KERNEL)
+
+__all__ = ["BuildError", "CPU_EXACT_KERNEL", "CPU_KERNEL", "CpuPrepared", "load_library", "prepare", "supports"]

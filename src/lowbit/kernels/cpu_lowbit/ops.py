@@ -1,0 +1,60 @@
+"""Python entry points of the ``torch.ops.lowbit_cpu`` custom ops, and their fake (meta) kernels.
+
+The fake kernels give ``torch.compile`` the output shapes, so a compiled model calls the C++
+kernels as single opaque ops without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.cpu_lowbit.build import load_library
+from lowbit.kernels.cpu_lowbit.layout import ISAS, CpuPrepared
+
+load_library()  # registers the ops (raises BuildError when they cannot be built)
+
+
+@torch.library.register_fake("lowbit_cpu::qlinear")
+def _qlinear_fake(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  lut: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None, kind: int,
+                  out_features: int, in_features: int, group_size: int, out_scale: float, int_max_m: int,
+                  isa: int) -> torch.Tensor:
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("lowbit_cpu::dequantize")
+def _dequantize_fake(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, table: torch.Tensor, kind: int,
+                     out_features: int, in_features: int, group_size: int, isa: int) -> torch.Tensor:
+    return codes.new_empty((out_features, in_features), dtype=torch.float32)
+
+
+def linear(x: torch.Tensor, prepared: CpuPrepared, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ + b.
+
+    Args:
+        x: [..., K] float32/bfloat16/float16 on CPU.
+        prepared: the weight W [N, K] in the kernel layout.
+        bias: [N] or None.
+    Returns:
+        [..., N] in x's dtype. Up to ``prepared.int_max_m`` rows: int8 activations (per 32-column
+        block, symmetric) × the weight codes with integer dot products — relative error ~1e-3..1e-2
+        against :func:`lowbit.kernels.reference.linear`; more rows: exact (dequantize + matmul).
+    """
+    p = prepared
+    return torch.ops.lowbit_cpu.qlinear(x, p.codes, p.scale, p.zero, p.lut, p.table, bias, p.kind, p.out_features,
+                                        p.in_features, p.group_size, p.out_scale, p.int_max_m, p.isa)
+
+
+def dequantize(prepared: CpuPrepared, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [N, K] in ``dtype`` (computed in fp32 exactly as the stored format defines it)."""
+    p = prepared
+    w = torch.ops.lowbit_cpu.dequantize(p.codes, p.scale, p.zero, p.table, p.kind, p.out_features, p.in_features,
+                                        p.group_size, p.isa)
+    return w.to(dtype)
+
+
+def isa_name() -> str:
+    """The instruction set the kernels use on this machine (``avx512``, ``avx2_vnni``, ``avx2``, ``scalar``)."""
+    code = int(torch.ops.lowbit_cpu.isa())
+    return next(name for name, value in ISAS.items() if value == code)
