@@ -16,8 +16,11 @@ from lowbit.generate import Generator
 
 PROMPT = torch.tensor([[12, 845, 93, 1207, 5, 388, 2011, 64, 9, 3001, 77, 415]])
 NEW = 24
-# compiled (Inductor) and eager kernels round differently; logits of the demo model are O(10)
-LOGIT_ATOL = 1e-3
+# Compiled (Inductor) and eager float ops round differently (≈1e-6); logits of the demo model are O(10).
+# The CPU low-bit kernels quantize decode activations to int8, where such a difference can move one
+# activation code by one step and the difference then travels through the KV cache: their logits agree
+# to a looser bound (max 0.15, mean 0.02); the tokens must still be equal.
+LOGIT_ATOL = {"fp32": 1e-3, "int8": 0.15, "int4g128": 0.15}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,10 @@ def test_compiled_greedy_equals_eager(tiny_lm: torch.nn.Module, spec: QuantSpec 
     compiled = Generator(model, max_cache_len=64, compile=True).generate(PROMPT, NEW, keep_logits=True)
     assert compiled.compiled, "torch.compile fell back to eager on this machine"
     assert compiled.tokens == eager.tokens
+    atol = LOGIT_ATOL["fp32" if spec is None else ("int8" if spec.bits == 8 else "int4g128")]
     for a, b in zip(compiled.logits, eager.logits):
-        assert torch.allclose(a, b, atol=LOGIT_ATOL, rtol=0), float((a - b).abs().max())
+        assert torch.allclose(a, b, atol=atol, rtol=0), float((a - b).abs().max())
+        assert float((a - b).abs().mean()) < min(atol, 0.02)
 
 
 def test_generator_input_errors(tiny_lm: torch.nn.Module) -> None:

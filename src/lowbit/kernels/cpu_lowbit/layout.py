@@ -27,7 +27,10 @@ ISAS = {"auto": 0, "avx512": 1, "avx2_vnni": 2, "avx2": 3, "scalar": 4}
 # Codebooks enter the integer dot products as round(S·value) + 128 (unsigned bytes): fp4's values
 # (multiples of 1/12) are exact at S = 12; nf4's are rounded at S = 127 (≤ 0.4 % of the block absmax).
 LUT_SCALE = {"nf4": 127.0, "fp4": 12.0}
-INT_MAX_M = 1 << 30  # default: integer path for every batch size (see ops.linear)
+# Decode-sized batches (≤ 8 rows) use int8 activations, where the weight read dominates; larger ones
+# (prefill, perplexity, calibration forwards) take the exact path, so evaluating or calibrating a
+# weight-only model measures the weight quantization alone.
+INT_MAX_M = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,11 +91,14 @@ def supports(weight: QuantizedWeight) -> bool:
             and qdata.dtype == torch.uint8)
 
 
-def prepare(weight: QuantizedWeight, *, int_max_m: int = INT_MAX_M, isa: str | None = None) -> CpuPrepared:
+def prepare(weight: QuantizedWeight, *, int_max_m: int | None = None, isa: str | None = None) -> CpuPrepared:
     """Repack ``weight`` for the CPU kernels (once; the stored tensors are left untouched).
 
-    ``isa`` pins an instruction set (``ISAS`` keys; default ``$LOWBIT_CPU_ISA`` or ``auto``); one
-    the CPU lacks falls back to the best available.
+    ``int_max_m``: inputs with at most this many rows take the int8-activation path, larger ones the
+    exact path (default ``$LOWBIT_CPU_INT_MAX_M``, else every batch size: the integer path is also
+    the faster one for prefill; e.g. 8 keeps decode fast and prefill exact). ``isa`` pins an
+    instruction set (``ISAS`` keys; default ``$LOWBIT_CPU_ISA`` or ``auto``); one the CPU lacks
+    falls back to the best available.
     """
     spec = weight.spec
     kind = kind_of(spec)
@@ -101,6 +107,8 @@ def prepare(weight: QuantizedWeight, *, int_max_m: int = INT_MAX_M, isa: str | N
     isa_name = isa or os.environ.get("LOWBIT_CPU_ISA", "auto")
     if isa_name not in ISAS:
         raise ValueError(f"unknown ISA {isa_name!r}; expected one of {sorted(ISAS)}")
+    if int_max_m is None:
+        int_max_m = int(os.environ.get("LOWBIT_CPU_INT_MAX_M", INT_MAX_M))
     n, k = weight.shape
     k_padded = -(-k // BLOCK) * BLOCK
     group_size = spec.group_size if spec.granularity == "group" else k_padded
