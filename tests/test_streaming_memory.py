@@ -27,5 +27,7 @@ def test_peak_rss_stays_far_below_the_float_model(tmp_path: Path) -> None:
     working = r["lowbit_rss"] - r["baseline_rss"]
     # one tensor (plus quantization temporaries) in memory at a time, never the model
     assert working < 0.5 * r["fp32_bytes"], r
-    assert r["lowbit_rss"] <= r["baseline_rss"] + r["summary"]["size_bytes"] + r["largest_tensor_bytes"], r
+    # (+32 MB: the two processes' runtime allocations differ by up to ~20 MB when the suite runs in parallel)
+    slack = 32 << 20
+    assert r["lowbit_rss"] <= r["baseline_rss"] + r["summary"]["size_bytes"] + r["largest_tensor_bytes"] + slack, r
     assert 4.0 <= r["summary"]["bits_per_weight"] <= 4.6
