@@ -26,11 +26,12 @@ def test_backward_flows_to_input_only() -> None:
     lin = nn.Linear(64, 32)
     q = QuantLinear.from_float(lin, QuantSpec.int_(4, 32, symmetric=False))
     x = torch.randn(4, 64, requires_grad=True)
-    q(x).pow(2).sum().backward()
-    w = q.weight.dequantize()
-    x2 = x.detach().clone().requires_grad_(True)
-    F.linear(x2, w, lin.bias).pow(2).sum().backward()
-    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    y = q(x)
+    y.pow(2).sum().backward()
+    # dL/dx = dL/dy · W with W the dequantized weight, whichever kernel ran the forward (a decode-sized
+    # batch may use int8 activations on CPU, so the forward itself is checked elsewhere)
+    expected = (2 * y.detach()) @ q.weight.dequantize()
+    assert torch.allclose(x.grad, expected, atol=1e-5)
     assert not any(p.requires_grad for p in q.parameters())
 
 
