@@ -134,7 +134,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe = recipe_from_args(args)
     calib = CalibConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_field)
-    from lowbit.memory import current_rss, memory_budget
+    from lowbit.memory import current_rss, memory_budget, peak_rss
 
     with memory_budget(args.max_memory):
         result = quantize_pretrained(args.model, recipe, args.out, overwrite=args.overwrite,
@@ -142,7 +142,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     summary = result.to_dict()
     if args.max_memory is not None:
         summary["max_memory_bytes"] = memory_budget(args.max_memory).limit
-        summary["peak_rss_bytes"] = _peak_rss() or current_rss()
+        summary["peak_rss_bytes"] = peak_rss() or current_rss()
     stored = Counter(spec.describe() for spec in result.layer_specs.values())
     summary["spec"] = stored.most_common(1)[0][0] if stored else recipe.default.describe()
     if not args.json:
@@ -240,17 +240,6 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             if key in summary:
                 print(f"  {key:<16} {summary[key]}")
     return summary
-
-
-def _peak_rss() -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _set_threads(threads: int | None) -> None:

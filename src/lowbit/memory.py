@@ -88,6 +88,18 @@ def current_rss() -> int:
         return 0
 
 
+def peak_rss() -> int | None:
+    """Peak resident set size of this process in bytes (Linux VmHWM; None where unavailable)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class memory_budget:  # noqa: N801 - used as a context manager, like torch.no_grad
     """Within the block, long-running work checks the process's RSS against ``limit`` bytes.
 

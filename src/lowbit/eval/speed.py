@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.generate import Generator
+from lowbit.memory import peak_rss
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 128
@@ -73,13 +74,9 @@ def _reset_peak(device: torch.device) -> None:
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = peak_rss()
+    if peak is not None:
+        return peak
     import resource
     import sys
 
