@@ -7,7 +7,8 @@ Shapes are N×K (out×in). For every shape and batch size M it times (median of 
 warm-up, in ms):
 
 * lowbit — the kernel ``dispatch.select_weight_kernel`` picks on the device — for int4-g128 asym/sym,
-  int8 per-channel, nf4 (b64), int3-g128 and int2-g64, and the exact CPU path (``cpu_exact``);
+  int8 per-channel, nf4 (b64), int3-g128 and int2-g64 (CPU: int8 activations up to 8 rows, the exact
+  path above), plus on CPU the int8-activation path at every M and the exact path (``cpu_exact``);
 * peers: fp32 and bf16 (CUDA: fp16) ``F.linear``; CPU: ``torch._weight_int4pack_mm_for_cpu`` (int4
   g128), ``torch._weight_int8pack_mm``, torch.ao dynamic int8 (fbgemm); CUDA: ``torch._weight_int4pack_mm``
   (tinygemm); bitsandbytes NF4 and LLM.int8 where importable. A peer that cannot run prints
@@ -123,7 +124,10 @@ def _float_linear(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.device], 
     return build
 
 
-def _ours(spec: QuantSpec, family: str | None = None) -> Callable[[torch.Tensor, torch.device], Built]:
+def _ours(spec: QuantSpec, family: str | None = None, int8_all: bool = False
+          ) -> Callable[[torch.Tensor, torch.device], Built]:
+    """lowbit's kernel for ``spec``: the one dispatch picks, or the named ``family``; ``int8_all``:
+    the CPU kernel with int8 activations at every batch size (not only decode-sized ones)."""
     def build(w: torch.Tensor, device: torch.device) -> Built:
         qw = QuantizedWeight.from_float(w, spec)
         if family is None:
@@ -132,7 +136,12 @@ def _ours(spec: QuantSpec, family: str | None = None) -> Callable[[torch.Tensor,
             kernel = next((k for k in dispatch.weight_kernels() if k.name == family), None)
             if kernel is None or not kernel.supports(qw):
                 raise RuntimeError(f"kernel family {family!r} unavailable for {spec.describe()}")
-        state = kernel.prepare(qw)
+        if int8_all:
+            from lowbit.kernels.cpu_lowbit import prepare
+
+            state = prepare(qw, int_max_m=1 << 30)
+        else:
+            state = kernel.prepare(qw)
         nbytes = getattr(state, "nbytes", None) or qw.nbytes
         x_dtype = torch.float16 if device.type == "cuda" else torch.float32
         return Built(lambda s, x: kernel.apply(x, s, None), state, int(nbytes), x_dtype, note=kernel.name)
@@ -212,7 +221,9 @@ def methods_for(device: torch.device) -> list[Method]:
            Method(f"torch {str(half).split('.')[-1]} F.linear", _float_linear(half))]
     out += [Method(f"lowbit {label}", _ours(spec)) for label, spec in OURS]
     if device.type == "cpu":
-        out += [Method("lowbit cpu_exact int4-g128-asym", _ours(OURS[0][1], family="cpu_exact")),
+        out += [Method("lowbit int4-g128-asym, int8 act. at all M", _ours(OURS[0][1], family="cpu", int8_all=True)),
+                Method("lowbit int8-ch-sym, int8 act. at all M", _ours(OURS[2][1], family="cpu", int8_all=True)),
+                Method("lowbit cpu_exact int4-g128-asym", _ours(OURS[0][1], family="cpu_exact")),
                 Method("torch _weight_int4pack_mm_for_cpu g128", _torch_int4_cpu),
                 Method("torch _weight_int8pack_mm", _torch_int8pack),
                 Method("torch.ao dynamic int8", _torch_ao_dynamic),
@@ -288,7 +299,8 @@ def summary(rows: list[dict]) -> list[str]:
     """One line per M: lowbit int4-g128-asym vs fp32 and vs the limit (geometric means over shapes)."""
     lines = []
     for m in dict.fromkeys(r["m"] for r in rows):
-        for name in ("lowbit int4-g128-asym", "lowbit int8-ch-sym"):
+        for name in ("lowbit int4-g128-asym", "lowbit int8-ch-sym", "lowbit int4-g128-asym, int8 act. at all M",
+                     "lowbit int8-ch-sym, int8 act. at all M"):
             sel = [r for r in rows if r["m"] == m and r["method"] == name and r["ms"] is not None]
             if not sel:
                 continue

@@ -141,16 +141,19 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at
   return out;
 }
 
-// Exact path: the tiles are split into chunks of ~2 MiB of fp32 weights (one core's L2); each
-// thread dequantizes a chunk and multiplies every input row with it (a serial matmul inside the
-// parallel region), so the fp32 weight never goes to memory. The matmul runs in x's dtype (fp32, or
+// Exact path: the tiles are split into chunks of ~8 MiB of fp32 weights (≥ 256 rows, so each matmul
+// is efficient; fewer when that would leave a thread idle); each thread dequantizes a chunk and
+// multiplies every input row with it (a serial matmul inside the parallel region), so the fp32
+// weight stays in the cache instead of going to memory. The matmul runs in x's dtype (fp32, or
 // bf16/fp16 like the reference).
 at::Tensor linear_dequant(const at::Tensor& x2, const Layout& l, const at::Tensor& codes, const at::Tensor& scale,
                           const at::Tensor& zero, const at::Tensor& table_f, int64_t isa) {
   const auto dtype = x2.scalar_type() == at::kDouble ? at::kFloat : x2.scalar_type();
   const at::Tensor xc = x2.to(dtype).contiguous();
   at::Tensor y = at::empty({x2.size(0), l.N}, xc.options());
-  const int64_t chunk_tiles = std::max<int64_t>(1, (int64_t)(2 << 20) / (kTileRows * l.K * 4));
+  const int64_t per_thread = (l.T + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t chunk_tiles =
+      std::max<int64_t>(1, std::min(per_thread, std::max<int64_t>(16, (int64_t)(8 << 20) / (kTileRows * l.K * 4))));
   const int64_t chunks = (l.T + chunk_tiles - 1) / chunk_tiles;
   const at::ThreadLocalState tls;  // ATen ops on worker threads: same inference/grad mode as the caller
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
