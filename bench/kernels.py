@@ -133,7 +133,7 @@ def _ours(spec: QuantSpec, family: str | None = None, int8_all: bool = False
         if family is None:
             kernel = dispatch.select_weight_kernel(qw, device)
         else:
-            kernel = next((k for k in dispatch.weight_kernels() if k.name == family), None)
+            kernel = next((k for k in dispatch.weight_kernels(device.type) if k.name == family), None)
             if kernel is None or not kernel.supports(qw):
                 raise RuntimeError(f"kernel family {family!r} unavailable for {spec.describe()}")
         if int8_all:

@@ -20,7 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is not installed (optional GPU dependency)")
 
 import lowbit.kernels.triton as lt  # noqa: E402
 from lowbit.formats.act import ActSpec  # noqa: E402

@@ -79,10 +79,9 @@ def register_weight_kernel(kernel: WeightKernel) -> None:
     _WEIGHT_KERNELS.append(kernel)
 
 
-def weight_kernels() -> list[WeightKernel]:
-    """The registered weight-only families (after importing every lazily registered one)."""
-    for device_type in _LAZY_FAMILIES:
-        _load_families(device_type)
+def weight_kernels(device_type: str = "cpu") -> list[WeightKernel]:
+    """The registered weight-only families, after importing those registered lazily for ``device_type``."""
+    _load_families(device_type)
     return [REFERENCE, *_WEIGHT_KERNELS]
 
 
