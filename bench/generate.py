@@ -20,11 +20,7 @@ decode rate at which every weight byte a token reads is read once.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see lowbit/__init__.py
-
-import argparse  # noqa: E402
+import argparse
 import gc
 import json
 import statistics

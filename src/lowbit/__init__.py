@@ -7,15 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import os  # noqa: E402
-
-# Compiled decode steps (Inductor C++) and lowbit's CPU kernels run OpenMP parallel regions next to
-# torch's own pool; with the default spin-waiting, idle threads of one pool starve the other (a 1 B
-# model decoded 40× slower on 2 cores). Passive waiting avoids that. It must be set before torch is
-# first imported, so `python -m lowbit.cli` gets it; set OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.errors import LowbitError
 from lowbit.formats.act import ActSpec  # noqa: E402
 from lowbit.formats.spec import QuantSpec  # noqa: E402
 from lowbit.io.checkpoint import load, save  # noqa: E402
