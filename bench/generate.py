@@ -7,7 +7,8 @@ Models (``--models``):
   7b    a random-weight Llama-2-7B (CUDA only; written in fp16)
 
 Protocol (every row): a ``--prompt-tokens`` (32) pseudo-random prompt, ``--new-tokens`` (128) greedy
-tokens, decode tokens/s = tokens after the first / time after the prefill, median of ``--repeats``.
+tokens, decode tokens/s = tokens after the first / time after the prefill, median of ``--repeats``
+rounds; every configuration is loaded and warmed up first, then each round measures them all in turn.
   transformers  ``model.generate`` eager (its default dynamic cache); decode time = t(N) − t(1)
   lowbit        :class:`lowbit.generate.Generator` (static cache, compiled decode step), after one
                 warm-up generation (compilation); fp32, int8 per-channel sym, int4-g128 asym/sym (RTN)
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--formats", nargs="+", default=list(LOWBIT_FORMATS), choices=list(LOWBIT_FORMATS))
     parser.add_argument("--no-peers", action="store_true", help="skip transformers (slow on the 1b model)")
     parser.add_argument("--gguf", nargs="*", default=[], help="GGUF files of the same weights for llama.cpp")
@@ -83,34 +84,53 @@ def main() -> None:
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, bandwidth: float) -> dict[str, Any]:
+    """Every configuration is loaded (and compiled) first; then ``--repeats`` rounds measure each once
+    in turn, so a machine whose speed drifts (other tenants, clocks) shifts every row alike."""
     source = model_source(name, Path(args.workdir), device)
     vocab = 4096 if name == "demo" else SHAPES[name].vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    rows: list[dict[str, Any]] = []
     print(f"\n== {name}: {source}", flush=True)
+    float_dtype = torch.float32 if device.type == "cpu" else torch.float16
+    contenders: list[tuple[str, Callable[[], float], int | None]] = []
+    float_model = None
     if not args.no_peers:
         for dtype in ([torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.float16]):
             model = lowbit.load(source, dtype=dtype, device=device)
-            rows.append(row(f"transformers eager {str(dtype)[6:]}", hf_decode(model, prompt, args),
-                            weight_bytes(model)))
-            del model
-            release()
+            float_model = model if dtype == float_dtype else float_model
+            contenders.append((f"transformers eager {str(dtype)[6:]}", hf_decoder(model, prompt, args),
+                               weight_bytes(model)))
     for fmt in args.formats:
         spec = LOWBIT_FORMATS[fmt]
-        dtype = torch.float32 if device.type == "cpu" else torch.float16
-        model = lowbit.load(source, dtype=dtype, device=device)
+        if spec is None and float_model is not None:
+            model = float_model  # the same weights; the Generator keeps its own static cache
+        else:
+            model = lowbit.load(source, dtype=float_dtype, device=device)
         if spec is not None:
             model = lowbit.quantize(model, spec)
         kernels = sorted({m.kernel_name for m in model.modules() if isinstance(m, lowbit.QuantLinear)})
-        label = f"lowbit {fmt if spec is not None else str(dtype)[6:]}" + (f" [{','.join(kernels)}]" if kernels else "")
-        rows.append(row(label, lowbit_decode(model, prompt, args), weight_bytes(model)))
-        del model
-        release()
+        label = f"lowbit {fmt if spec is not None else str(float_dtype)[6:]}" + (f" [{','.join(kernels)}]" if kernels else "")
+        print(f"  compiling {label} …", flush=True)
+        contenders.append((label, lowbit_decoder(model, prompt, args), weight_bytes(model)))
     for path in args.gguf:
-        rate = llama_cpp_decode(path, args)
-        rows.append(row(f"llama.cpp {Path(path).name}", rate, None))
+        decoder = llama_cpp_decoder(path, args)
+        contenders.append((f"llama.cpp {Path(path).name}", decoder, None) if callable(decoder)
+                          else (f"llama.cpp {Path(path).name}", lambda d=decoder: d, None))
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in contenders}
+    notes: dict[str, str] = {}
+    for round_ in range(args.repeats):
+        for label, measure, _ in contenders:
+            value = measure()
+            if isinstance(value, str):
+                notes[label] = value
+            else:
+                rates[label].append(value)
+        print(f"  round {round_ + 1}/{args.repeats}: " + ", ".join(f"{label.split(' [')[0]} {r[-1]:.1f}"
+                                                                for label, r in rates.items() if r), flush=True)
+    rows = [row(label, notes.get(label) or statistics.median(rates[label]), nbytes)
+            for label, _, nbytes in contenders]
     print_table(name, rows, bandwidth)
-    return {"rows": rows}
+    release()
+    return {"rows": rows, "rounds": rates}
 
 
 def row(label: str, tokens_per_s: float | str, bytes_per_token: int | None) -> dict[str, Any]:
@@ -144,7 +164,7 @@ def fmt_ratio(value: float, base: float | None) -> str:
 
 
 # ---- measurements --------------------------------------------------------------------------
-def hf_decode(model: torch.nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> float:
+def hf_decoder(model: torch.nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> Callable[[], float]:
     prompt = prompt.to(next(model.parameters()).device)
 
     def run(n: int) -> float:
@@ -155,23 +175,23 @@ def hf_decode(model: torch.nn.Module, prompt: torch.Tensor, args: argparse.Names
         return time.perf_counter() - start
 
     run(2)  # warm-up
-    rates = []
-    for _ in range(args.repeats):
+
+    def measure() -> float:
         t1, tn = run(1), run(args.new_tokens)
-        rates.append((args.new_tokens - 1) / max(tn - t1, 1e-9))
-    return statistics.median(rates)
+        return (args.new_tokens - 1) / max(tn - t1, 1e-9)
+
+    return measure
 
 
-def lowbit_decode(model: torch.nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> float:
+def lowbit_decoder(model: torch.nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> Callable[[], float]:
     gen = Generator(model, max_cache_len=args.prompt_tokens + args.new_tokens, compile=True)
     gen.generate(prompt, 4)  # compile
-    rates = [gen.generate(prompt, args.new_tokens).decode_tokens_per_s for _ in range(args.repeats)]
     if not gen.compiled:
         print("  (compilation failed: eager)")
-    return statistics.median(rates)
+    return lambda: gen.generate(prompt, args.new_tokens).decode_tokens_per_s
 
 
-def llama_cpp_decode(path: str, args: argparse.Namespace) -> float | str:
+def llama_cpp_decoder(path: str, args: argparse.Namespace) -> Callable[[], float] | str:
     try:
         from llama_cpp import Llama
     except ImportError as err:
@@ -179,21 +199,18 @@ def llama_cpp_decode(path: str, args: argparse.Namespace) -> float | str:
     llm = Llama(model_path=path, n_ctx=args.prompt_tokens + args.new_tokens + 8, n_threads=torch.get_num_threads(),
                 verbose=False, logits_all=False)
     prompt = torch.randint(0, llm.n_vocab(), (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
-    rates = []
-    for _ in range(args.repeats):
+
+    def measure() -> float:
         llm.reset()
-        start = time.perf_counter()
         llm.eval(prompt)
-        first = llm.sample(temp=0.0)
-        t_prefill = time.perf_counter() - start
+        token = llm.sample(temp=0.0)
         start = time.perf_counter()
-        token = first
         for _ in range(args.new_tokens - 1):
             llm.eval([token])
             token = llm.sample(temp=0.0)
-        rates.append((args.new_tokens - 1) / (time.perf_counter() - start))
-        del t_prefill
-    return statistics.median(rates)
+        return (args.new_tokens - 1) / (time.perf_counter() - start)
+
+    return measure
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:

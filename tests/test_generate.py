@@ -50,6 +50,37 @@ def test_compiled_greedy_equals_eager(tiny_lm: torch.nn.Module, spec: QuantSpec 
         assert float((a - b).abs().mean()) < min(atol, 0.05)
 
 
+def test_python_wrapper_and_reused_generator_equal_eager(tiny_lm: torch.nn.Module) -> None:
+    """The Python-wrapper compilation (large models) also equals eager; a Generator reused for a longer
+    prompt re-checks Dynamo's guards on its first step, so skipping them afterwards stays correct."""
+    model = lowbit.quantize(_copy(tiny_lm), QuantSpec.int_(4, 128, symmetric=False))
+    gen = Generator(model, max_cache_len=64, compile=True, cpp_wrapper=False)
+    assert not gen.cpp_wrapper
+    eager = Generator(model, max_cache_len=64, compile=False)
+    for prompt in (PROMPT, torch.cat([PROMPT, PROMPT[:, :5]], dim=1)):
+        ours = gen.generate(prompt, NEW)
+        assert ours.compiled
+        assert ours.tokens == eager.generate(prompt, NEW).tokens
+
+
+def test_failed_cpp_wrapper_compile_falls_back(tiny_lm: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = Generator(tiny_lm, max_cache_len=64, compile=True, cpp_wrapper=True)
+    assert gen.cpp_wrapper
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("C++ compiler crashed")
+
+    monkeypatch.setattr(gen, "_step", broken)
+    with pytest.warns(UserWarning, match="retrying with the Python wrapper"):
+        out = gen.generate(PROMPT, NEW)
+    assert out.compiled and not gen.cpp_wrapper
+    assert out.tokens == Generator(tiny_lm, max_cache_len=64, compile=False).generate(PROMPT, NEW).tokens
+    monkeypatch.setattr(gen, "_step", broken)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        out = gen.generate(PROMPT, 4)
+    assert not out.compiled
+
+
 def test_generator_input_errors(tiny_lm: torch.nn.Module) -> None:
     gen = Generator(tiny_lm, max_cache_len=16, compile=False)
     with pytest.raises(LowbitError, match="exceeds the cache"):
