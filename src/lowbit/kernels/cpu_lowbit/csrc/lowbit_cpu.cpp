@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include "kernels.h"
 
@@ -172,17 +174,25 @@ at::Tensor linear_dequant(const at::Tensor& x2, const Layout& l, const at::Tenso
   return y;
 }
 
-at::Tensor linear_int8(const at::Tensor& x2, const Layout& l, const at::Tensor& codes, const at::Tensor& scale,
-                       const at::Tensor& zero, const at::Tensor& lut, double out_scale,
-                       const c10::optional<at::Tensor>& bias, int64_t isa) {
-  const at::Tensor xf = x2.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), nblk = l.Kp / kBlock;
+// Workspace for the quantized activations, kept per calling thread: a decode step makes dozens of
+// small calls, and an allocation per call is a measurable share of each (M ≤ int_max_m rows, so it
+// stays small). Only the calling thread writes it; the parallel workers read it.
+uint8_t* workspace(int64_t bytes) {
+  thread_local std::vector<uint8_t> buf;
+  if ((int64_t)buf.size() < bytes + 64) buf.resize(bytes + 64);
+  const auto addr = reinterpret_cast<uintptr_t>(buf.data());
+  return buf.data() + ((64 - addr % 64) % 64);  // cache-line aligned, like an ATen allocation
+}
+
+// The int8-activation path writes into y ([M, N] float32, contiguous).
+void linear_int8(const float* xp, int64_t M, const Layout& l, const at::Tensor& codes, const at::Tensor& scale,
+                 const at::Tensor& zero, const at::Tensor& lut, double out_scale,
+                 const c10::optional<at::Tensor>& bias, int64_t isa, float* yp) {
+  const int64_t nblk = l.Kp / kBlock;
   // one workspace for the quantized x: q int8 [M, Kp] | scale f32 [M, nblk] | sum i32 [M, nblk] | gsum f32 [M, G]
   auto align = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
   const int64_t q_bytes = align(M * l.Kp), s_bytes = align(M * nblk * 4), g_bytes = align(M * l.G * 4);
-  at::Tensor work = at::empty({q_bytes + 2 * s_bytes + g_bytes}, xf.options().dtype(at::kByte));
-  uint8_t* base = work.data_ptr<uint8_t>();
-  const float* xp = xf.data_ptr<float>();
+  uint8_t* base = workspace(q_bytes + 2 * s_bytes + g_bytes);
   int8_t* qp = reinterpret_cast<int8_t*>(base);
   float* sp = reinterpret_cast<float*>(base + q_bytes);
   int32_t* up = reinterpret_cast<int32_t*>(base + q_bytes + s_bytes);
@@ -199,17 +209,15 @@ at::Tensor linear_int8(const at::Tensor& x2, const Layout& l, const at::Tensor& 
   });
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
-    bias_f = bias->to(at::kFloat).contiguous();
+    bias_f = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
     TORCH_CHECK(bias_f.numel() == l.N, "lowbit_cpu: bias must have ", l.N, " elements");
   }
-  at::Tensor y = at::empty({M, l.N}, xf.options());
   const GemmArgs args{l.kind, M, l.N, l.Kp, l.G, l.bpg, codes.data_ptr<uint8_t>(), l.tile_bytes,
                       group_params(scale, zero), l.kind == kLut4 ? lut.data_ptr<uint8_t>() : nullptr,
                       (float)out_scale, QuantizedX{qp, sp, up, gp},
-                      bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, y.data_ptr<float>()};
+                      bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, yp};
   at::parallel_for(0, l.T, std::max<int64_t>(1, tile_grain(l) / std::max<int64_t>(1, M)),
                    [&](int64_t b, int64_t e) { gemm_isa(isa, args, b, e); });
-  return y;
 }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
@@ -224,17 +232,18 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
               "lowbit_cpu: codebook kinds need a uint8 [16] table");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
-  const at::Tensor x2 = x.reshape({-1, k});
-  const int64_t M = x2.size(0);
+  const int64_t M = k == 0 ? 0 : x.numel() / k;
   if (M == 0) return at::empty(out_shape, x.options());
   const int64_t use = resolve_isa(isa);
-  at::Tensor y;
-  if (M <= int_max_m) {
-    y = linear_int8(x2, l, codes, scale, zero, lut, out_scale, bias, use);
-  } else {
-    y = linear_dequant(x2, l, codes, scale, zero, table.to(at::kFloat).contiguous(), use);
-    if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
+  if (M <= int_max_m) {  // decode: few ATen calls, since per-call overhead is a large share here
+    const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
+    const at::Tensor xf = direct ? x : x.to(at::kFloat).contiguous();
+    at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
+    linear_int8(xf.data_ptr<float>(), M, l, codes, scale, zero, lut, out_scale, bias, use, y.data_ptr<float>());
+    return direct ? y : y.to(x.scalar_type());
   }
+  at::Tensor y = linear_dequant(x.reshape({-1, k}), l, codes, scale, zero, table.to(at::kFloat).contiguous(), use);
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
