@@ -11,7 +11,10 @@ caches the result on disk); when it is unavailable (no C++ compiler, an unsuppor
 warns once and runs eagerly. Greedy tokens from the compiled loop equal eager greedy decoding
 (tested); logits agree to float rounding.
 
-Per-token overhead, which bounds small models, is cut twice more on CPU:
+On CPU, float matmuls of the decode step (the LM head; every layer of a float model) are compiled
+as parallel reductions instead of ATen's single-threaded one-row GEMM
+(:mod:`lowbit.kernels.inductor_gemv`). Per-token overhead, which bounds small models, is cut twice
+more:
 - models under ``CPP_WRAPPER_MAX_PARAMS`` parameters compile with Inductor's C++ wrapper, so the
   step's ~50 kernel and custom-op calls are made from C++ instead of Python (demo model: ~+15 %
   tokens/s). Larger models keep the Python wrapper: their token time is dominated by weight reads
@@ -100,9 +103,13 @@ class Generator:
             else:
                 if cpp_wrapper is None:
                     cpp_wrapper = sum(p.numel() for p in model.parameters()) < CPP_WRAPPER_MAX_PARAMS
-                python_step = torch.compile(self._forward_last, dynamic=False)
+                from lowbit.kernels.inductor_gemv import OneRowMatmulPass
+
+                options: dict[str, Any] = {"post_grad_custom_pre_pass": OneRowMatmulPass()}
+                python_step = torch.compile(self._forward_last, dynamic=False, options=options)
                 if cpp_wrapper:
-                    self._step = torch.compile(self._forward_last, dynamic=False, options={"cpp_wrapper": True})
+                    self._step = torch.compile(self._forward_last, dynamic=False,
+                                               options={**options, "cpp_wrapper": True})
                     self._fallbacks.append(python_step)
                 else:
                     self._step = python_step
