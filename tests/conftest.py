@@ -11,6 +11,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported, and torch.compile (Inductor) imports it in any test
+    # that compiles; tests/test_triton_kernels.py needs the interpreter on a CPU-only machine.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # the suite runs in 2 xdist workers on 2 cores
 
 from lowbit.models.resolve import builtin_dir  # noqa: E402
