@@ -186,6 +186,43 @@ def test_torch_compile_inductor_quant_linear() -> None:
     assert torch.allclose(compiled(x), layer(x), atol=1e-5)
 
 
+def test_packed_weight_is_one_tensor_with_checked_header() -> None:
+    qw = _weight(QuantSpec.nf4(64), 40, 192)
+    prepared = cpu_lowbit.prepare(qw)
+    assert prepared.packed.dtype == torch.uint8 and prepared.packed.dim() == 1
+    # the section views share the packed tensor's memory
+    base = prepared.packed.data_ptr()
+    for view in (prepared.codes, prepared.scale, prepared.zero, prepared.lut, prepared.table):
+        assert base <= view.data_ptr() < base + prepared.packed.numel()
+    assert prepared.lut.numel() == 16 and prepared.table.numel() == 16
+    x = torch.randn(2, 192)
+    bad = prepared.packed.clone()
+    bad[0] ^= 0xFF  # magic
+    with pytest.raises(RuntimeError, match="bad header"):
+        torch.ops.lowbit_cpu.qlinear(x, bad, None, prepared.kind, 40, 192, prepared.group_size, prepared.out_scale,
+                                     8, 0)
+    with pytest.raises(RuntimeError, match="does not fit"):  # a truncated weight is refused, not read past
+        torch.ops.lowbit_cpu.qlinear(x, prepared.packed[:-64].clone(), None, prepared.kind, 40, 192,
+                                     prepared.group_size, prepared.out_scale, 8, 0)
+    with pytest.raises(RuntimeError, match="does not fit"):  # the header of a smaller layer
+        torch.ops.lowbit_cpu.qlinear(torch.randn(2, 384), prepared.packed, None, prepared.kind, 40, 384,
+                                     prepared.group_size, prepared.out_scale, 8, 0)
+
+
+def test_cpp_wrapper_calls_the_c_shim() -> None:
+    """Inductor's C++ wrapper calls qlinear through its C shim (no boxed dispatcher) and matches eager."""
+    from torch._inductor.utils import run_and_get_cpp_code
+
+    layer = QuantLinear.from_weight(_weight(QuantSpec.int_(4, 32, False), 24, 64), torch.randn(24))
+    layer.prepare_kernel()
+    compiled = torch.compile(layer, fullgraph=True, options={"cpp_wrapper": True,
+                                                             "aot_inductor.custom_ops_to_c_shims": ops.C_SHIMS})
+    x = torch.randn(1, 64)
+    out, code = run_and_get_cpp_code(compiled, x)
+    assert "aoti_torch_cpu_qlinear(" in code and "aoti_torch_call_dispatcher" not in code
+    assert torch.allclose(out, layer(x), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_concurrent_first_builds_are_safe(tmp_path: Path) -> None:
     """Two processes building into an empty extensions directory at once: one compiles, one waits."""

@@ -17,7 +17,8 @@ as parallel reductions instead of ATen's single-threaded one-row GEMM
 more:
 - models under ``CPP_WRAPPER_MAX_PARAMS`` parameters compile with Inductor's C++ wrapper, so the
   step's ~50 kernel and custom-op calls are made from C++ instead of Python (demo model: ~+15 %
-  tokens/s). Larger models keep the Python wrapper: their token time is dominated by weight reads
+  tokens/s); lowbit's CPU kernels are called there through their C shims
+  (:data:`lowbit.kernels.cpu_lowbit.ops.C_SHIMS`), not the boxed dispatcher. Larger models keep the Python wrapper: their token time is dominated by weight reads
   and the C++ wrapper's compile time grows steeply with depth (1 B Llama: ~200 s instead of ~40 s).
 - after the first decode step of a generation, the remaining steps skip re-evaluating Dynamo's
   guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): between steps of one
@@ -109,7 +110,8 @@ class Generator:
                 python_step = torch.compile(self._forward_last, dynamic=False, options=options)
                 if cpp_wrapper:
                     self._step = torch.compile(self._forward_last, dynamic=False,
-                                               options={**options, "cpp_wrapper": True})
+                                               options={**options, "cpp_wrapper": True,
+                                                        "aot_inductor.custom_ops_to_c_shims": _c_shims()})
                     self._fallbacks.append(python_step)
                 else:
                     self._step = python_step
@@ -187,6 +189,15 @@ class Generator:
                     continue
                 warnings.warn(f"lowbit: compiling the decode step failed ({reason}); decoding eagerly", stacklevel=3)
                 self._step, self.compiled = self._eager_step, False
+
+
+def _c_shims() -> dict[Any, list[str]]:
+    """C shims of lowbit's CPU ops, for the C++ wrapper (none when the kernels are not built)."""
+    try:
+        from lowbit.kernels.cpu_lowbit.ops import C_SHIMS
+    except Exception:  # noqa: BLE001 - no compiler …: the model then has no lowbit CPU ops either
+        return {}
+    return dict(C_SHIMS)
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, *,

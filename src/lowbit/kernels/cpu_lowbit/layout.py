@@ -6,6 +6,11 @@ row r, column 4s+j), which is the operand shape of ``vpdpbusd``: each 32-bit lan
 output row. Narrow codes share bytes between sub-vectors (4-bit: two per byte; 2-bit: four; 3-bit:
 2-bit plane + one 64-bit mask per sub-vector for the third bit), so a prepared int4 weight is as
 large as the stored one. Scales and zero-points become [T, G, 16] (fp16 when that is exact).
+
+Everything a layer's kernel reads is one uint8 tensor (:func:`pack`): a 64-byte header of section
+offsets, then codes, scales, zero-points and codebook tables, each 64-byte aligned. A compiled
+decode step guards and converts every tensor input on every call, so one tensor per layer instead
+of five is ~100 µs per token less on the demo model.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ LUT_SCALE = {"nf4": 127.0, "fp4": 12.0}
 INT_MAX_M = 8
 
 
+PACKED_MAGIC = int.from_bytes(b"LOWPBW1", "little")
+PACKED_HALF, PACKED_ZERO_CONST = 1, 2  # header flags
+SECTIONS = ("codes", "scale", "zero", "lut", "table")
+HEADER_BYTES = 64
+_ALIGN = 64
+
+
 @dataclass(frozen=True, eq=False)
 class CpuPrepared:
     """A weight in the CPU kernel layout.
@@ -41,35 +53,46 @@ class CpuPrepared:
         kind: KIND_* (how codes are stored in a block).
         out_features, in_features: N, K of W [N, K].
         group_size: columns per scale group (a multiple of 32; padded K for per-channel/tensor).
+        packed: uint8 [bytes]: header + the sections below (see :func:`pack`); what the ops take.
+        out_scale: 1/S for codebooks, else 1.
+        int_max_m: batches of at most this many rows use int8 activations; larger ones the exact
+            dequantize + matmul path.
+        isa: ISAS value (0 = best available).
+
+    Views of the sections (sharing ``packed``'s memory):
         codes: uint8 [T, tile_bytes] with T = ceil(N/16).
         scale: float16/float32 [T, G, 16]: per-group scale (codebooks: the block absmax).
         zero: same shape/dtype: W = (code − zero)·scale (codebooks: 128, the table offset); a
             zero-point that is the same everywhere (symmetric ints, codebooks) is one value [1].
         lut: uint8 [16] (codebooks: round(S·table) + 128, else empty).
         table: float32 [16] (codebooks: the float table for dequantization, else empty).
-        out_scale: 1/S for codebooks, else 1.
-        int_max_m: batches of at most this many rows use int8 activations; larger ones the exact
-            dequantize + matmul path.
-        isa: ISAS value (0 = best available).
     """
 
     kind: int
     out_features: int
     in_features: int
     group_size: int
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    lut: torch.Tensor
-    table: torch.Tensor
+    packed: torch.Tensor
     out_scale: float
     int_max_m: int
     isa: int
+    sections: tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]  # (offset, dtype, shape) per SECTIONS name
+
+    def section(self, name: str) -> torch.Tensor:
+        offset, dtype, shape = self.sections[SECTIONS.index(name)]
+        nbytes = dtype.itemsize * (int(torch.Size(shape).numel()))
+        return self.packed[offset:offset + nbytes].view(dtype).reshape(shape)
+
+    codes = property(lambda self: self.section("codes"))
+    scale = property(lambda self: self.section("scale"))
+    zero = property(lambda self: self.section("zero"))
+    lut = property(lambda self: self.section("lut"))
+    table = property(lambda self: self.section("table"))
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the prepared tensors (what the kernel reads per call, plus the tables)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero, self.lut, self.table))
+        """Bytes of the packed tensor (what the kernel reads per call, plus the header and tables)."""
+        return self.packed.numel()
 
 
 def kind_of(spec: QuantSpec) -> int | None:
@@ -124,9 +147,32 @@ def prepare(weight: QuantizedWeight, *, int_max_m: int | None = None, isa: str |
         table, out_scale = values, 1.0 / lut_scale
     else:
         lut, table, out_scale = empty_u8, empty_f, 1.0
-    return CpuPrepared(kind=kind, out_features=n, in_features=k, group_size=group_size,
-                       codes=pack_tiles(codes, kind), scale=scale, zero=zero, lut=lut, table=table,
-                       out_scale=out_scale, int_max_m=int_max_m, isa=ISAS[isa_name])
+    packed, sections = pack({"codes": pack_tiles(codes, kind), "scale": scale, "zero": zero, "lut": lut,
+                             "table": table.float()})
+    return CpuPrepared(kind=kind, out_features=n, in_features=k, group_size=group_size, packed=packed,
+                       out_scale=out_scale, int_max_m=int_max_m, isa=ISAS[isa_name], sections=sections)
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]]:
+    """The SECTIONS tensors in one uint8 tensor: a 64-byte header (int64: magic, the byte offset of
+    each section, flags, 0), then each section at a 64-byte-aligned offset (csrc/kernels.h)."""
+    scale, zero = tensors["scale"], tensors["zero"]
+    if scale.dtype != zero.dtype or scale.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"scale and zero must share float16/float32, got {scale.dtype} and {zero.dtype}")
+    flags = (PACKED_HALF if scale.dtype == torch.float16 else 0) | (PACKED_ZERO_CONST if zero.numel() == 1 else 0)
+    offsets, chunks, position = [], [], HEADER_BYTES
+    for name in SECTIONS:
+        raw = tensors[name].contiguous().reshape(-1).view(torch.uint8)
+        offsets.append(position)
+        chunks.append((position, raw))
+        position += -(-raw.numel() // _ALIGN) * _ALIGN
+    packed = torch.zeros(max(position, HEADER_BYTES), dtype=torch.uint8)
+    header = torch.tensor([PACKED_MAGIC, *offsets, flags, 0], dtype=torch.int64)
+    packed[:HEADER_BYTES] = header.view(torch.uint8)
+    for start, raw in chunks:
+        packed[start:start + raw.numel()] = raw
+    sections = tuple((offset, tensors[name].dtype, tuple(tensors[name].shape)) for name, offset in zip(SECTIONS, offsets))
+    return packed, sections
 
 
 def pack_tiles(codes: torch.Tensor, kind: int) -> torch.Tensor:

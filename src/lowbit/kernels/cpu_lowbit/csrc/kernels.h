@@ -20,6 +20,10 @@
 //     integer kinds; W = table[code]·scale for kLut4 (scale = the block absmax). A constant zero
 //     (symmetric codes' offset 2^(b−1), codebooks' 128) is passed as one number instead.
 //
+// Packed weight (what the ops take): one uint8 tensor, a PackedHeader, then the sections — codes,
+// scale, zero, lut (kLut4: uint8 [16], round(S·table) + 128), table (kLut4: float32 [16]) — each at
+// a 64-byte-aligned byte offset recorded in the header (layout.py: pack).
+//
 // Integer path (decode): x is quantized per 32-column block to int8 (symmetric, scale = absmax/127)
 // and each block's integer dot product Σ u·q (u = the unsigned code, or the int8-scaled codebook
 // entry + 128 for kLut4) is scaled by the block's activation scale. Zero-points are applied once
@@ -44,6 +48,14 @@ inline int block_bytes(int kind) {
     default: return 0;
   }
 }
+
+constexpr int64_t kPackedMagic = 0x31574250574f4cLL;  // "LOWPBW1"
+constexpr int64_t kPackedHalf = 1;       // flag: scale and zero are fp16 (else fp32)
+constexpr int64_t kPackedZeroConst = 2;  // flag: zero is one value, not [T][G][16]
+
+struct PackedHeader {  // 64 bytes, little-endian int64 byte offsets from the start of the tensor
+  int64_t magic, codes, scale, zero, lut, table, flags, reserved;
+};
 
 // Scales/zero-points of the prepared weight, fp16 (half = true) or fp32, [T][G][16] each; a zero
 // that is the same everywhere (symmetric ints, codebooks) is not stored: zero == nullptr, zero_const.

@@ -4,14 +4,25 @@
 //                          low-bit codes with integer dot products; more rows: W is dequantized
 //                          tile by tile to fp32 and multiplied with ATen's matmul (exact path).
 //   lowbit_cpu::dequantize W as fp32 [N, K].
+//
+// W is one uint8 tensor (kernels.h: "Packed weight"): a 64-byte header of section offsets, then
+// codes, scales, zero-points and codebook tables. One tensor per layer instead of five matters to
+// a compiled decode step: torch.compile guards and converts every tensor input on every call.
 //   lowbit_cpu::isa        the instruction set the kernels run with on this machine.
+//
+// aoti_torch_cpu_qlinear is the C shim of qlinear: code that Inductor's C++ wrapper generates calls
+// it directly (ops.py: C_SHIMS) instead of going through the boxed dispatcher, which costs several
+// µs per call — a large share of a small model's decode step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -64,34 +75,48 @@ int64_t resolve_isa(int64_t requested) {
 struct Layout {
   int kind;
   int64_t N, K, Kp, G, bpg, T, tile_bytes;
+  const uint8_t* codes;
+  GroupParams gp;
+  const uint8_t* lut;   // kLut4: [16]
+  const float* table;   // kLut4: [16]
 };
 
-Layout check_layout(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t kind,
-                    int64_t n, int64_t k, int64_t group_size) {
+// Checks the packed weight against (kind, n, k, group_size) and locates its sections.
+Layout check_layout(const at::Tensor& packed, int64_t kind, int64_t n, int64_t k, int64_t group_size) {
   TORCH_CHECK(kind >= kU8 && kind <= kLut4, "lowbit_cpu: unknown weight kind ", kind);
   TORCH_CHECK(group_size > 0 && group_size % kBlock == 0, "lowbit_cpu: group_size must be a multiple of 32");
-  Layout l{(int)kind, n, k, 0, 0, group_size / kBlock, (n + kTileRows - 1) / kTileRows, 0};
+  Layout l{(int)kind, n, k, 0, 0, group_size / kBlock, (n + kTileRows - 1) / kTileRows, 0, nullptr, {}, nullptr,
+           nullptr};
   l.Kp = (k + kBlock - 1) / kBlock * kBlock;
   TORCH_CHECK(l.Kp % group_size == 0, "lowbit_cpu: group_size ", group_size, " does not divide padded K ", l.Kp);
   l.G = l.Kp / group_size;
   l.tile_bytes = (l.Kp / kBlock) * block_bytes(l.kind);
-  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.numel() == l.T * l.tile_bytes,
-              "lowbit_cpu: codes must be contiguous uint8 with ", l.T * l.tile_bytes, " bytes");
-  for (const at::Tensor* t : {&scale, &zero}) {
-    TORCH_CHECK(t->is_contiguous() && (t->numel() == l.T * l.G * kTileRows || (t == &zero && t->numel() == 1)) &&
-                    (t->scalar_type() == at::kHalf || t->scalar_type() == at::kFloat),
-                "lowbit_cpu: scale/zero must be contiguous fp16/fp32 [T, G, 16] (zero: or one constant)");
-  }
-  TORCH_CHECK(scale.scalar_type() == zero.scalar_type(), "lowbit_cpu: scale and zero must share a dtype");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.dim() == 1 && packed.numel() >= (int64_t)sizeof(PackedHeader),
+              "lowbit_cpu: the packed weight must be a contiguous 1-D uint8 tensor with a header");
+  const uint8_t* base = packed.data_ptr<uint8_t>();
+  PackedHeader h;
+  std::memcpy(&h, base, sizeof(h));
+  TORCH_CHECK(h.magic == kPackedMagic, "lowbit_cpu: not a packed weight (bad header)");
+  const bool half = h.flags & kPackedHalf, zero_const = h.flags & kPackedZeroConst;
+  const int64_t elt = half ? 2 : 4, params = l.T * l.G * kTileRows;
+  const bool lut = kind == kLut4;
+  const int64_t ends[5] = {h.codes + l.T * l.tile_bytes, h.scale + params * elt,
+                           h.zero + (zero_const ? 1 : params) * elt, h.lut + (lut ? 16 : 0), h.table + (lut ? 64 : 0)};
+  const int64_t starts[5] = {h.codes, h.scale, h.zero, h.lut, h.table};
+  for (int i = 0; i < 5; ++i)
+    TORCH_CHECK(starts[i] >= (int64_t)sizeof(PackedHeader) && starts[i] % 64 == 0 && ends[i] <= packed.numel(),
+                "lowbit_cpu: packed weight section ", i, " does not fit a ", n, "x", k, " kind-", kind,
+                " weight with group size ", group_size, " (", packed.numel(), " bytes)");
+  l.codes = base + h.codes;
+  const void* zp = base + h.zero;
+  const float zc = !zero_const ? 0.f
+                   : half      ? static_cast<float>(*reinterpret_cast<const at::Half*>(zp))
+                               : *reinterpret_cast<const float*>(zp);
+  l.gp = GroupParams{base + h.scale, zero_const ? nullptr : zp, half, zc};
+  l.lut = lut ? base + h.lut : nullptr;
+  l.table = lut ? reinterpret_cast<const float*>(base + h.table) : nullptr;
   return l;
-}
-
-GroupParams group_params(const at::Tensor& scale, const at::Tensor& zero) {
-  const bool half = scale.scalar_type() == at::kHalf;
-  if (zero.numel() != 1) return {scale.data_ptr(), zero.data_ptr(), half, 0.f};
-  const float value = half ? static_cast<float>(zero.data_ptr<at::Half>()[0]) : zero.data_ptr<float>()[0];
-  return {scale.data_ptr(), nullptr, half, value};
 }
 
 // Tiles per parallel task: at least ~256 KiB of weights, so small layers stay on one thread.
@@ -129,15 +154,12 @@ void quantize_x_isa(int64_t isa, const float* x, int64_t K, int64_t Kp, int8_t* 
   scalar::quantize_x(x, K, Kp, q, scale, sum);
 }
 
-at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                      const at::Tensor& table, int64_t kind, int64_t n, int64_t k, int64_t group_size,
+at::Tensor dequantize(const at::Tensor& packed, int64_t kind, int64_t n, int64_t k, int64_t group_size,
                       int64_t isa) {
-  const Layout l = check_layout(codes, scale, zero, kind, n, k, group_size);
-  at::Tensor table_f = table.to(at::kFloat).contiguous();
-  TORCH_CHECK(kind != kLut4 || table_f.numel() == 16, "lowbit_cpu: codebook kinds need a 16-entry table");
-  at::Tensor out = at::empty({n, k}, codes.options().dtype(at::kFloat));
-  const DequantArgs args{l.kind, n, k, l.Kp, l.G, l.bpg, codes.data_ptr<uint8_t>(), l.tile_bytes,
-                         group_params(scale, zero), table_f.data_ptr<float>(), out.data_ptr<float>(), 0};
+  const Layout l = check_layout(packed, kind, n, k, group_size);
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kFloat));
+  const DequantArgs args{l.kind, n, k, l.Kp, l.G, l.bpg, l.codes, l.tile_bytes, l.gp, l.table,
+                         out.data_ptr<float>(), 0};
   const int64_t use = resolve_isa(isa);
   at::parallel_for(0, l.T, tile_grain(l), [&](int64_t b, int64_t e) { dequant_isa(use, args, b, e); });
   return out;
@@ -148,8 +170,7 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at
 // multiplies every input row with it (a serial matmul inside the parallel region), so the fp32
 // weight stays in the cache instead of going to memory. The matmul runs in x's dtype (fp32, or
 // bf16/fp16 like the reference).
-at::Tensor linear_dequant(const at::Tensor& x2, const Layout& l, const at::Tensor& codes, const at::Tensor& scale,
-                          const at::Tensor& zero, const at::Tensor& table_f, int64_t isa) {
+at::Tensor linear_dequant(const at::Tensor& x2, const Layout& l, int64_t isa) {
   const auto dtype = x2.scalar_type() == at::kDouble ? at::kFloat : x2.scalar_type();
   const at::Tensor xc = x2.to(dtype).contiguous();
   at::Tensor y = at::empty({x2.size(0), l.N}, xc.options());
@@ -160,12 +181,12 @@ at::Tensor linear_dequant(const at::Tensor& x2, const Layout& l, const at::Tenso
   const at::ThreadLocalState tls;  // ATen ops on worker threads: same inference/grad mode as the caller
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     at::ThreadLocalStateGuard tls_guard(tls);
-    at::Tensor buf = at::empty({chunk_tiles * kTileRows, l.K}, codes.options().dtype(at::kFloat));
+    at::Tensor buf = at::empty({chunk_tiles * kTileRows, l.K}, xc.options().dtype(at::kFloat));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t t0 = c * chunk_tiles, t1 = std::min(l.T, t0 + chunk_tiles);
       const int64_t r0 = t0 * kTileRows, rows = std::min(l.N, t1 * kTileRows) - r0;
-      const DequantArgs args{l.kind, l.N, l.K, l.Kp, l.G, l.bpg, codes.data_ptr<uint8_t>(), l.tile_bytes,
-                             group_params(scale, zero), table_f.data_ptr<float>(), buf.data_ptr<float>(), r0};
+      const DequantArgs args{l.kind, l.N, l.K, l.Kp, l.G, l.bpg, l.codes, l.tile_bytes, l.gp, l.table,
+                             buf.data_ptr<float>(), r0};
       dequant_isa(isa, args, t0, t1);
       const at::Tensor w = buf.narrow(0, 0, rows).to(dtype);
       y.narrow(1, r0, rows).copy_(at::matmul(xc, w.t()));
@@ -185,9 +206,8 @@ uint8_t* workspace(int64_t bytes) {
 }
 
 // The int8-activation path writes into y ([M, N] float32, contiguous).
-void linear_int8(const float* xp, int64_t M, const Layout& l, const at::Tensor& codes, const at::Tensor& scale,
-                 const at::Tensor& zero, const at::Tensor& lut, double out_scale,
-                 const c10::optional<at::Tensor>& bias, int64_t isa, float* yp) {
+void linear_int8(const float* xp, int64_t M, const Layout& l, double out_scale, const c10::optional<at::Tensor>& bias,
+                 int64_t isa, float* yp) {
   const int64_t nblk = l.Kp / kBlock;
   // one workspace for the quantized x: q int8 [M, Kp] | scale f32 [M, nblk] | sum i32 [M, nblk] | gsum f32 [M, G]
   auto align = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
@@ -212,24 +232,19 @@ void linear_int8(const float* xp, int64_t M, const Layout& l, const at::Tensor& 
     bias_f = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
     TORCH_CHECK(bias_f.numel() == l.N, "lowbit_cpu: bias must have ", l.N, " elements");
   }
-  const GemmArgs args{l.kind, M, l.N, l.Kp, l.G, l.bpg, codes.data_ptr<uint8_t>(), l.tile_bytes,
-                      group_params(scale, zero), l.kind == kLut4 ? lut.data_ptr<uint8_t>() : nullptr,
+  const GemmArgs args{l.kind, M, l.N, l.Kp, l.G, l.bpg, l.codes, l.tile_bytes, l.gp, l.lut,
                       (float)out_scale, QuantizedX{qp, sp, up, gp},
                       bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, yp};
   at::parallel_for(0, l.T, std::max<int64_t>(1, tile_grain(l) / std::max<int64_t>(1, M)),
                    [&](int64_t b, int64_t e) { gemm_isa(isa, args, b, e); });
 }
 
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                   const at::Tensor& lut, const at::Tensor& table, const c10::optional<at::Tensor>& bias,
-                   int64_t kind, int64_t n, int64_t k, int64_t group_size, double out_scale, int64_t int_max_m,
-                   int64_t isa) {
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t kind,
+                   int64_t n, int64_t k, int64_t group_size, double out_scale, int64_t int_max_m, int64_t isa) {
   TORCH_CHECK(x.device().is_cpu(), "lowbit_cpu: x must be on the CPU");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lowbit_cpu: x must be floating point");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "lowbit_cpu: x must have ", k, " features in its last dimension");
-  const Layout l = check_layout(codes, scale, zero, kind, n, k, group_size);
-  TORCH_CHECK(kind != kLut4 || (lut.numel() == 16 && lut.scalar_type() == at::kByte && lut.is_contiguous()),
-              "lowbit_cpu: codebook kinds need a uint8 [16] table");
+  const Layout l = check_layout(packed, kind, n, k, group_size);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   const int64_t M = k == 0 ? 0 : x.numel() / k;
@@ -239,10 +254,10 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
     const at::Tensor xf = direct ? x : x.to(at::kFloat).contiguous();
     at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
-    linear_int8(xf.data_ptr<float>(), M, l, codes, scale, zero, lut, out_scale, bias, use, y.data_ptr<float>());
+    linear_int8(xf.data_ptr<float>(), M, l, out_scale, bias, use, y.data_ptr<float>());
     return direct ? y : y.to(x.scalar_type());
   }
-  at::Tensor y = linear_dequant(x.reshape({-1, k}), l, codes, scale, zero, table.to(at::kFloat).contiguous(), use);
+  at::Tensor y = linear_dequant(x.reshape({-1, k}), l, use);
   if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
   return y.to(x.scalar_type()).reshape(out_shape);
 }
@@ -250,12 +265,24 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 }  // namespace
 }  // namespace lowbit_cpu
 
+extern "C" __attribute__((visibility("default"))) AOTITorchError aoti_torch_cpu_qlinear(
+    AtenTensorHandle x, AtenTensorHandle packed, AtenTensorHandle* bias, int64_t kind, int64_t out_features,
+    int64_t in_features, int64_t group_size, double out_scale, int64_t int_max_m, int64_t isa, AtenTensorHandle* ret0) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    const c10::optional<at::Tensor> bias_t =
+        bias != nullptr ? c10::optional<at::Tensor>(*tensor_handle_to_tensor_pointer(*bias)) : c10::nullopt;
+    at::Tensor y = lowbit_cpu::qlinear(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(packed),
+                                       bias_t, kind, out_features, in_features, group_size, out_scale, int_max_m, isa);
+    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
+  });
+}
+
 TORCH_LIBRARY(lowbit_cpu, m) {
-  m.def("qlinear(Tensor x, Tensor codes, Tensor scale, Tensor zero, Tensor lut, Tensor table, Tensor? bias, "
-        "int kind, int out_features, int in_features, int group_size, float out_scale, int int_max_m, int isa) "
+  m.def("qlinear(Tensor x, Tensor packed, Tensor? bias, int kind, int out_features, int in_features, "
+        "int group_size, float out_scale, int int_max_m, int isa) -> Tensor");
+  m.def("dequantize(Tensor packed, int kind, int out_features, int in_features, int group_size, int isa) "
         "-> Tensor");
-  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero, Tensor table, int kind, int out_features, "
-        "int in_features, int group_size, int isa) -> Tensor");
   m.def("isa() -> int", &lowbit_cpu::best_isa);
 }
 
