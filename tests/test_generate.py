@@ -50,6 +50,20 @@ def test_compiled_greedy_equals_eager(tiny_lm: torch.nn.Module, spec: QuantSpec 
         assert float((a - b).abs().mean()) < min(atol, 0.05)
 
 
+def test_decode_attention_is_switched_only_during_decoding(tiny_lm: torch.nn.Module) -> None:
+    """A compiled CPU decode step runs eager attention; the model's own setting is restored after."""
+    original = tiny_lm.config._attn_implementation
+    gen = Generator(tiny_lm, max_cache_len=64, compile=True)
+    assert gen.decode_attention == "eager"
+    seen: list[str] = []
+    step = gen._step
+    gen._step = lambda token, position: (seen.append(tiny_lm.config._attn_implementation), step(token, position))[1]
+    gen.generate(PROMPT, 4)
+    assert seen == ["eager"] * 3
+    assert tiny_lm.config._attn_implementation == original
+    assert Generator(tiny_lm, max_cache_len=64, compile=False).decode_attention is None
+
+
 def test_python_wrapper_and_reused_generator_equal_eager(tiny_lm: torch.nn.Module) -> None:
     """The Python-wrapper compilation (large models) also equals eager; a Generator reused for a longer
     prompt re-checks Dynamo's guards on its first step, so skipping them afterwards stays correct."""
