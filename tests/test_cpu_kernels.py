@@ -201,6 +201,11 @@ def test_packed_weight_is_one_tensor_with_checked_header() -> None:
     with pytest.raises(RuntimeError, match="bad header"):
         torch.ops.lowbit_cpu.qlinear(x, bad, None, prepared.kind, 40, 192, prepared.group_size, prepared.out_scale,
                                      8, 0)
+    huge = prepared.packed.clone()
+    huge[8:16] = torch.tensor([2**62], dtype=torch.int64).view(torch.uint8)  # a garbage codes offset
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.lowbit_cpu.qlinear(x, huge, None, prepared.kind, 40, 192, prepared.group_size, prepared.out_scale,
+                                     8, 0)
     with pytest.raises(RuntimeError, match="does not fit"):  # a truncated weight is refused, not read past
         torch.ops.lowbit_cpu.qlinear(x, prepared.packed[:-64].clone(), None, prepared.kind, 40, 192,
                                      prepared.group_size, prepared.out_scale, 8, 0)

@@ -101,11 +101,12 @@ Layout check_layout(const at::Tensor& packed, int64_t kind, int64_t n, int64_t k
   const bool half = h.flags & kPackedHalf, zero_const = h.flags & kPackedZeroConst;
   const int64_t elt = half ? 2 : 4, params = l.T * l.G * kTileRows;
   const bool lut = kind == kLut4;
-  const int64_t ends[5] = {h.codes + l.T * l.tile_bytes, h.scale + params * elt,
-                           h.zero + (zero_const ? 1 : params) * elt, h.lut + (lut ? 16 : 0), h.table + (lut ? 64 : 0)};
+  const int64_t sizes[5] = {l.T * l.tile_bytes, params * elt, (zero_const ? 1 : params) * elt, lut ? 16 : 0,
+                            lut ? 64 : 0};
   const int64_t starts[5] = {h.codes, h.scale, h.zero, h.lut, h.table};
-  for (int i = 0; i < 5; ++i)
-    TORCH_CHECK(starts[i] >= (int64_t)sizeof(PackedHeader) && starts[i] % 64 == 0 && ends[i] <= packed.numel(),
+  for (int i = 0; i < 5; ++i)  // compared without adding header values, so a garbage offset cannot overflow
+    TORCH_CHECK(starts[i] >= (int64_t)sizeof(PackedHeader) && starts[i] % 64 == 0 && starts[i] <= packed.numel() &&
+                    sizes[i] <= packed.numel() - starts[i],
                 "lowbit_cpu: packed weight section ", i, " does not fit a ", n, "x", k, " kind-", kind,
                 " weight with group size ", group_size, " (", packed.numel(), " bytes)");
   l.codes = base + h.codes;
