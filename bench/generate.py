@@ -11,7 +11,9 @@ tokens, decode tokens/s = tokens after the first / time after the prefill, media
 rounds; every configuration is loaded and warmed up first, then each round measures them all in turn.
   transformers  ``model.generate`` eager (its default dynamic cache); decode time = t(N) − t(1)
   lowbit        :class:`lowbit.generate.Generator` (static cache, compiled decode step), after one
-                warm-up generation (compilation); fp32, int8 per-channel sym, int4-g128 asym/sym (RTN)
+                warm-up generation (compilation); fp32, int8 per-channel sym, int4-g128 asym/sym (RTN);
+                ``+head``: the output head (lm_head; untied from the input embedding where the two are
+                tied) in int8 per-channel sym as well, as llama.cpp quantizes ``output.weight``
   llama.cpp     ``--gguf FILE [FILE …]`` with llama-cpp-python installed: same prompt length and tokens
 The memory-bandwidth limit is measured in the same run (reading a 1 GiB buffer) and turned into the
 decode rate at which every weight byte a token reads is read once.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import lowbit  # noqa: E402
 from lowbit.formats.spec import QuantSpec  # noqa: E402
+from lowbit.recipe import LayerOverride, QuantRecipe  # noqa: E402
 from lowbit.generate import Generator  # noqa: E402
 from lowbit.models.synthetic import LlamaShape, write_random_llama  # noqa: E402
 
@@ -46,11 +49,14 @@ SHAPES = {
     "7b": LlamaShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32000),
 }
-LOWBIT_FORMATS: dict[str, QuantSpec | None] = {
+INT8_HEAD = (LayerOverride("lm_head", QuantSpec.int_(8, None)),)  # int8 per-channel sym output head (untied)
+LOWBIT_FORMATS: dict[str, QuantSpec | QuantRecipe | None] = {
     "fp32": None,
     "int8": QuantSpec.int_(8, None),
     "int4-g128": QuantSpec.int_(4, 128, symmetric=False),
     "int4-g128-sym": QuantSpec.int_(4, 128),
+    "int8+head": QuantRecipe(QuantSpec.int_(8, None), overrides=INT8_HEAD),
+    "int4-g128+head": QuantRecipe(QuantSpec.int_(4, 128, symmetric=False), overrides=INT8_HEAD),
 }
 
 

@@ -1,5 +1,6 @@
 """Quantize → save → load gives identical outputs, for Llama, GPT-2 (Conv1D) and MiniLM (BERT)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 import lowbit
 from lowbit import QuantSpec
 from lowbit.eval.size import model_size
+from lowbit.errors import InvalidSpecError
 from lowbit.nn import QuantLinear
+from lowbit.recipe import LayerOverride, QuantRecipe
 
 SPECS = [QuantSpec.int_(4, 64, symmetric=False), QuantSpec.int_(8, None), QuantSpec.nf4(64, double_quant=True),
          QuantSpec.int_(3, 32), QuantSpec.fp8()]
@@ -70,6 +73,43 @@ def test_tied_embeddings_stay_tied(tied_llama_dir: Path, tmp_path: Path) -> None
     assert not isinstance(model.lm_head, QuantLinear)
 
 
+HEAD_INT8 = LayerOverride("lm_head", QuantSpec.int_(8, None))
+
+
+def test_tied_head_named_by_an_override_is_quantized_and_untied(tied_llama_dir: Path, tmp_path: Path) -> None:
+    """Streaming and in-memory quantization untie a tied head an override names: the embedding keeps
+    its float weight, the head gets its own quantized copy; both round-trip through save/load."""
+    recipe = QuantRecipe(QuantSpec.int_(4, 64), overrides=(HEAD_INT8,))
+    float_model = lowbit.load(tied_llama_dir)
+    embedding = float_model.model.embed_tokens.weight.detach().clone()
+    in_memory = lowbit.quantize(lowbit.load(tied_llama_dir), recipe)
+    assert isinstance(in_memory.lm_head, QuantLinear) and in_memory.lm_head.spec == HEAD_INT8.spec
+    assert in_memory.config.tie_word_embeddings is False
+    assert torch.equal(in_memory.model.embed_tokens.weight, embedding)  # the embedding itself is untouched
+    head_error = (in_memory.lm_head.dequantize().weight - embedding).abs().max() / embedding.abs().max()
+    assert 0 < head_error < 0.01
+
+    lowbit.quantize_pretrained(tied_llama_dir, recipe, tmp_path / "q", show_progress=False)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head" in config["quantization_config"]["modules"]
+    streamed = lowbit.load(tmp_path / "q")
+    assert isinstance(streamed.lm_head, QuantLinear)
+    assert streamed.lm_head.qdata.data_ptr() != streamed.model.embed_tokens.weight.data_ptr()
+    inputs = _inputs(streamed.config.vocab_size)
+    assert torch.equal(_out(streamed, inputs), _out(in_memory, inputs))
+
+    lowbit.save(in_memory, tmp_path / "saved")
+    assert torch.equal(_out(lowbit.load(tmp_path / "saved"), inputs), _out(in_memory, inputs))
+
+
+def test_tied_head_is_not_untied_by_a_skip_list_or_an_activation_method(tied_llama_dir: Path) -> None:
+    model = lowbit.quantize(lowbit.load(tied_llama_dir), QuantRecipe(QuantSpec.int_(4, 64), skip=()))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
+    recipe = QuantRecipe(QuantSpec.int_(8, None), method="smoothquant", overrides=(HEAD_INT8,))
+    with pytest.raises(InvalidSpecError, match="lm_head: its weight is tied"):
+        lowbit.quantize(lowbit.load(tied_llama_dir), recipe)
+
+
 def test_sharded_output_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     lowbit.quantize_pretrained(llama_dir, QuantSpec.int_(4, 64), tmp_path / "q", show_progress=False,
                                max_shard_bytes=200_000)
@@ -82,8 +122,6 @@ def test_sharded_output_round_trip(llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_quantization_config_is_versioned(llama_dir: Path, tmp_path: Path) -> None:
-    import json
-
     lowbit.quantize_pretrained(llama_dir, QuantSpec.int_(4, 64), tmp_path / "q", show_progress=False)
     qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "lowbit" and qcfg["format_version"] == 1

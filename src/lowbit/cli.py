@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--include", action="append", default=None, metavar="PATTERN",
                    help="quantize only matching layers (repeatable)")
     q.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS",
-                   help="mixed precision: matching layers use BITS instead (repeatable, int format)")
+                   help="mixed precision: matching layers use BITS instead (repeatable, int format); "
+                        "lm_head=8 quantizes the output head too (untied from the embedding where tied)")
     q.add_argument("--recipe", default=None, help="JSON/YAML recipe (default spec, skip, include, overrides)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     q.add_argument("--max-memory", default=None, metavar="SIZE",

@@ -44,6 +44,8 @@ from torch import nn
 from lowbit.errors import LowbitError, UnsupportedModelError
 from lowbit.kernels.dispatch import prepare_model
 
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 # Below this many parameters a CPU decode step compiles with Inductor's C++ wrapper (see above).
 CPP_WRAPPER_MAX_PARAMS = 200_000_000
 
@@ -100,9 +102,9 @@ class Generator:
         self.device = param.device if param is not None else torch.device("cpu")
         self.max_cache_len = max_cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        self._eager_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_last
+        self._eager_step: StepFn = self._forward_step
         self._step = self._eager_step
-        self._fallbacks: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
+        self._fallbacks: list[StepFn] = []
         self.compiled = False
         self.cpp_wrapper = False
         if decode_attention is None and compile and self.device.type == "cpu":
@@ -110,16 +112,16 @@ class Generator:
         self.decode_attention: str | None = decode_attention
         if compile:
             if self.device.type == "cuda":
-                self._step = torch.compile(self._forward_last, mode="reduce-overhead", dynamic=False)
+                self._step = torch.compile(self._forward_step, mode="reduce-overhead", dynamic=False)
             else:
                 if cpp_wrapper is None:
                     cpp_wrapper = sum(p.numel() for p in model.parameters()) < CPP_WRAPPER_MAX_PARAMS
                 from lowbit.kernels.inductor_gemv import OneRowMatmulPass
 
                 options: dict[str, Any] = {"post_grad_custom_pre_pass": OneRowMatmulPass()}
-                python_step = torch.compile(self._forward_last, dynamic=False, options=options)
+                python_step = torch.compile(self._forward_step, dynamic=False, options=options)
                 if cpp_wrapper:
-                    self._step = torch.compile(self._forward_last, dynamic=False,
+                    self._step = torch.compile(self._forward_step, dynamic=False,
                                                options={**options, "cpp_wrapper": True,
                                                         "aot_inductor.custom_ops_to_c_shims": _c_shims()})
                     self._fallbacks.append(python_step)
@@ -132,6 +134,12 @@ class Generator:
         out = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=cache_position,
                          use_cache=True)
         return out.logits[:, -1, :].float()
+
+    def _forward_step(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step: (greedy next token [1, 1], float32 logits [1, vocab]). The argmax runs
+        inside the compiled step, fused with the LM head's output, not as a separate eager call."""
+        logits = self._forward_last(input_ids, cache_position)
+        return logits.argmax(dim=-1, keepdim=True), logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
@@ -175,22 +183,27 @@ class Generator:
 
     def _decode(self, token: torch.Tensor, tokens: list[int], position: torch.Tensor, prompt_len: int,
                 max_new_tokens: int, eos_token_id: int | None, logits_kept: list[torch.Tensor] | None) -> None:
-        for i in range(max_new_tokens - 1):
-            if eos_token_id is not None and tokens[-1] == eos_token_id:
-                break
+        def step(i: int, token: torch.Tensor) -> torch.Tensor:
             position.fill_(prompt_len + i)
-            # The first step runs Dynamo's guards (it may compile); later steps of this generation
-            # differ from it only in tensor values, so they skip the guards (module docstring).
-            stance = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if i > 0 and self.compiled
-                      else nullcontext())
-            with stance:
-                logits = self._run_step(token, position)
-            token = logits.argmax(dim=-1, keepdim=True)
+            token, logits = self._run_step(token, position)
             tokens.append(int(token.item()))
             if logits_kept is not None:
                 logits_kept.append(logits[0].cpu())
+            return token
 
-    def _run_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        steps = max_new_tokens - 1
+        if steps < 1 or (eos_token_id is not None and tokens[-1] == eos_token_id):
+            return
+        # The first step runs Dynamo's guards (it may compile); later steps of this generation
+        # differ from it only in tensor values, so they skip the guards (module docstring).
+        token = step(0, token)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if self.compiled else nullcontext():
+            for i in range(1, steps):
+                if eos_token_id is not None and tokens[-1] == eos_token_id:
+                    break
+                token = step(i, token)
+
+    def _run_step(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         while True:
             try:
                 return self._step(token, position)

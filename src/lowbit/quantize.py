@@ -8,7 +8,8 @@ from torch import nn
 
 from lowbit.formats.spec import QuantSpec
 from lowbit.algorithms.weight_only import weight_quantizer
-from lowbit.models.targets import check_target_shapes, float_weight, select_targets, set_submodule
+from lowbit.models.targets import (check_target_shapes, float_weight, select_targets, set_submodule,
+                                   untie_quantized_head)
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.recipe import QuantRecipe, as_recipe
@@ -26,8 +27,9 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
         model: any PyTorch module; Hugging Face models keep working unchanged.
         spec_or_recipe: one :class:`QuantSpec` for every layer (round-to-nearest), or a
             :class:`QuantRecipe` with a method (``rtn``, ``gptq``), skip/include patterns and per-layer
-            overrides (mixed precision). ``lm_head`` is skipped by default, and weights tied to an
-            embedding are never quantized.
+            overrides (mixed precision). ``lm_head`` is skipped by default; an output head tied to
+            the input embedding is quantized only when an override names it, and is then untied
+            (the embedding stays float).
         calibration: calibration data for data-driven methods (default: the built-in demo corpus).
         tokenizer: tokenizer for the calibration text (default: loaded from ``model.lowbit_source``).
         device: where blocks are computed during calibration.
@@ -35,6 +37,13 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
         the same ``model`` object, its layers now :class:`~lowbit.nn.QuantLinear`.
     """
     recipe = as_recipe(spec_or_recipe)
+    model = _quantize(model, recipe, calibration, tokenizer, device, show_progress)
+    untie_quantized_head(model)
+    return model
+
+
+def _quantize(model: nn.Module, recipe: QuantRecipe, calibration: "CalibConfig | None", tokenizer: Any,
+              device: str, show_progress: bool) -> nn.Module:
     if not recipe.streams:
         from lowbit.algorithms.calib_data import CalibConfig
         from lowbit.algorithms.weight_only import method_config

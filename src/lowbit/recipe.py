@@ -60,6 +60,10 @@ class QuantRecipe:
             except re.error as exc:
                 raise InvalidSpecError(f"invalid layer pattern {pattern!r}: {exc}") from None
 
+    def override_for(self, name: str) -> LayerOverride | None:
+        """The first override whose pattern matches layer ``name``, if any."""
+        return next((o for o in self.overrides if name_matches(o.pattern, name)), None)
+
     def spec_for(self, name: str) -> QuantSpec | None:
         """The spec layer ``name`` is quantized with, or None to leave it in float."""
         for override in self.overrides:

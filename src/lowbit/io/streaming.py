@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lowbit.errors import CorruptFileError, OutputExistsError, UnsupportedModelError
 from lowbit.eval.size import SizeReport
 from lowbit.io.checkpoint import copy_aux_files, map_checkpoint_key, quantized_layers
@@ -22,7 +24,8 @@ from lowbit.io.safetensors_io import stream_tensors, weight_files
 from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
 from lowbit.models.build import build_empty_model
 from lowbit.models.resolve import read_json, resolve_model_dir
-from lowbit.models.targets import check_target_shapes, counted_linear_names, is_conv1d, select_targets
+from lowbit.models.targets import (check_target_shapes, counted_linear_names, is_conv1d, select_targets,
+                                   tied_target_sources)
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.formats.spec import QuantSpec
@@ -89,8 +92,24 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     stored_specs: dict[str, QuantSpec] = {}
     files = weight_files(src)
     done: set[str] = set()
+    untied: dict[str, list[str]] = {}  # source parameter → tied target layers quantized from it
+    for head, source in tied_target_sources(model, targets).items():
+        untied.setdefault(source, []).append(head)
+
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
+
+        def quantize_into(module_name: str, tensor: torch.Tensor) -> None:
+            weight = tensor.float()
+            if is_conv1d(modules[module_name]):
+                weight = weight.t()
+            qw = quantize_weight(weight, targets[module_name], module_name)
+            stored_specs[module_name] = qw.spec  # may differ from the request (HQQ: float zeros)
+            for tname, t in qw.tensors.items():
+                writer.add(f"{module_name}.{tname}", t)
+            _account(size, qw.numel, qw.nbytes, module_name in counted, True)
+            done.add(module_name)
+
         for file in files:
             with stream_tensors(file) as (keys, get_tensor):
                 for key in progress(keys, desc=f"quantize {file.name}", enabled=show_progress, unit="tensor"):
@@ -101,27 +120,22 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
                     check_budget(f"before reading {key}")
                     tensor = get_tensor(key)
                     if module_name in targets and attr == "weight":
-                        weight = tensor.float()
-                        if is_conv1d(modules[module_name]):
-                            weight = weight.t()
-                        qw = quantize_weight(weight, targets[module_name], module_name)
-                        stored_specs[module_name] = qw.spec  # may differ from the request (HQQ: float zeros)
-                        for tname, t in qw.tensors.items():
-                            writer.add(f"{module_name}.{tname}", t)
-                        _account(size, qw.numel, qw.nbytes, module_name in counted, True)
-                        done.add(module_name)
-                        del weight, qw
+                        quantize_into(module_name, tensor)
                     else:
                         check_finite(tensor, name)
                         writer.add(name, tensor)
                         nbytes = tensor.numel() * tensor.element_size()
                         _account(size, tensor.numel(), nbytes, module_name in counted and attr == "weight",
                                  name in params and tensor.is_floating_point())
+                    for head in untied.get(name, ()):  # a tied head quantized from its source (the embedding)
+                        quantize_into(head, tensor)
                     del tensor
         missing = sorted(set(targets) - done)
         if missing:
             raise CorruptFileError(f"{src}: checkpoint has no weight for layer(s) {', '.join(missing[:5])}")
         writer.finish()
+        if untied:
+            config["tie_word_embeddings"] = False  # the head now has its own (quantized) weight
         config.pop("quantization_config", None)
         config["quantization_config"] = make_quantization_config(stored_specs, recipe.method, {"source": str(source)})
         write_json(tmp / "config.json", config)

@@ -37,21 +37,61 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name and is_linear(m)}
 
 
+# Methods that may quantize a tied output head: they change only the head's own (untied) weight.
+# The activation methods rescale weights (SmoothQuant) and would rescale the shared embedding too.
+UNTIE_METHODS = ("rtn", "hqq", "gptq", "awq")
+
+
 def select_targets(model: nn.Module, recipe: QuantRecipe) -> dict[str, QuantSpec]:
     """{module name: spec} of the float linear layers ``recipe`` quantizes.
 
-    Layers whose weight is tied to another parameter (an lm_head sharing the embedding) are left
-    alone: quantizing one would silently untie them.
+    A layer whose weight is tied to another parameter (an lm_head sharing the input embedding) is
+    quantized only when a layer override names it explicitly (``--layer-bits lm_head=8``): it is then
+    untied, the embedding keeping its float weight and the head getting its own quantized copy (as
+    llama.cpp stores ``output.weight``), see :func:`untie_quantized_head`. A skip list that merely
+    leaves the head out never unties it.
     """
+    from lowbit.errors import InvalidSpecError
+
     tied_modules = {t.rsplit(".", 1)[0] for t in tied_parameter_names(model)}
     targets = {}
     for name, module in linear_modules(model).items():
-        if isinstance(module, QuantLinear) or name in tied_modules:
+        if isinstance(module, QuantLinear):
             continue
+        if name in tied_modules:
+            override = recipe.override_for(name)
+            if override is None or override.spec is None:
+                continue
+            if recipe.method not in UNTIE_METHODS:
+                raise InvalidSpecError(f"{name}: its weight is tied to the input embedding; method {recipe.method!r} "
+                                       f"would change the embedding too. Quantize it with one of "
+                                       f"{', '.join(UNTIE_METHODS)}, or leave it in float")
         spec = recipe.spec_for(name)
         if spec is not None:
             targets[name] = spec
     return targets
+
+
+def tied_target_sources(model: nn.Module, targets: dict[str, QuantSpec]) -> dict[str, str]:
+    """{target module name: the parameter its weight is tied to} for targets that are tied layers."""
+    return {target.rsplit(".", 1)[0]: source for target, source in tied_parameter_names(model).items()
+            if target.rsplit(".", 1)[0] in targets}
+
+
+def untie_quantized_head(model: nn.Module) -> bool:
+    """Mark the config untied when the (tied) output head has been replaced by a quantized layer.
+
+    The input embedding keeps its float weight; saving then writes both, and loading builds them
+    apart. Returns whether the model was untied.
+    """
+    config = getattr(model, "config", None)
+    get = getattr(model, "get_output_embeddings", None)
+    if config is None or get is None or not getattr(config, "tie_word_embeddings", False):
+        return False
+    if not isinstance(get(), QuantLinear):
+        return False
+    config.tie_word_embeddings = False
+    return True
 
 
 def counted_linear_names(model: nn.Module) -> list[str]:
