@@ -41,8 +41,10 @@ def test_eager_static_loop_equals_transformers_generate(tiny_lm: torch.nn.Module
 def test_compiled_greedy_equals_eager(tiny_lm: torch.nn.Module, spec: QuantSpec | None) -> None:
     model = tiny_lm if spec is None else lowbit.quantize(_copy(tiny_lm), spec)
     eager = Generator(model, max_cache_len=64, compile=False).generate(PROMPT, NEW, keep_logits=True)
-    compiled = Generator(model, max_cache_len=64, compile=True).generate(PROMPT, NEW, keep_logits=True)
+    gen = Generator(model, max_cache_len=64, compile=True)
+    compiled = gen.generate(PROMPT, NEW, keep_logits=True)
     assert compiled.compiled, "torch.compile fell back to eager on this machine"
+    assert gen.replayed_steps == NEW - 2  # every decode step after the first called the graph directly
     assert compiled.tokens == eager.tokens
     atol = LOGIT_ATOL["fp32" if spec is None else ("int8" if spec.bits == 8 else "int4g128")]
     for a, b in zip(compiled.logits, eager.logits):
@@ -59,7 +61,8 @@ def test_decode_attention_is_switched_only_during_decoding(tiny_lm: torch.nn.Mod
     step = gen._step
     gen._step = lambda token, position: (seen.append(tiny_lm.config._attn_implementation), step(token, position))[1]
     gen.generate(PROMPT, 4)
-    assert seen == ["eager"] * 3
+    assert seen == ["eager"]  # the first decode step compiles the graph the later steps replay
+    assert gen.replayed_steps == 2
     assert tiny_lm.config._attn_implementation == original
     assert Generator(tiny_lm, max_cache_len=64, compile=False).decode_attention is None
 
@@ -75,6 +78,46 @@ def test_python_wrapper_and_reused_generator_equal_eager(tiny_lm: torch.nn.Modul
         ours = gen.generate(prompt, NEW)
         assert ours.compiled
         assert ours.tokens == eager.generate(prompt, NEW).tokens
+    assert gen.replayed_steps == 2 * (NEW - 2)
+
+
+def test_replayed_steps_see_weights_replaced_between_generations(tiny_lm: torch.nn.Module) -> None:
+    """Each generation's first step goes through Dynamo and records the inputs the later steps replay,
+    so a parameter object replaced between generations (same shape: no recompilation) is used."""
+    model = _copy(tiny_lm)
+    gen = Generator(model, max_cache_len=64, compile=True)
+    before = gen.generate(PROMPT, NEW).tokens
+    norm = model.model.norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * torch.linspace(0.2, 3.0, norm.weight.numel()),
+                                     requires_grad=False)
+    after = gen.generate(PROMPT, NEW)
+    assert after.tokens == Generator(model, max_cache_len=64, compile=False).generate(PROMPT, NEW).tokens
+    assert after.tokens != before and gen.replayed_steps == 2 * (NEW - 2)
+
+
+def test_replay_is_refused_when_the_step_is_not_one_graph_of_the_token() -> None:
+    from lowbit.graph_replay import RecordingBackend, replay_after
+
+    def run(fn, token: torch.Tensor):  # type: ignore[no-untyped-def]
+        backend = RecordingBackend({})
+        compiled = torch.compile(fn, backend=backend, dynamic=False)
+        compiled(token)  # compile
+        counts = backend.call_counts()
+        return replay_after(backend, counts, token, compiled(token))
+
+    token = torch.tensor([[3]])
+    one_graph = run(lambda t: ((t + 1) * 2, (t * 1.5).float()), token)
+    assert one_graph is not None and one_graph(torch.tensor([[5]]))[0].item() == 12
+
+    def with_break(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = t + 1
+        torch._dynamo.graph_break()
+        return u * 2, (u * 1.5).float()
+
+    assert run(with_break, token) is None  # two graphs
+    assert run(lambda t: (t, t.float()), token) is None  # an output that is not the graph's (the input)
+    assert run(lambda t: (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 4)), token) is None  # token unused
+    assert run(lambda t: ((t + 1) * 2,), token) is None  # not (token, logits)
 
 
 def test_failed_cpp_wrapper_compile_falls_back(tiny_lm: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
