@@ -36,6 +36,7 @@ more:
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ from torch import nn
 from lowbit.errors import LowbitError, UnsupportedModelError
 from lowbit.graph_replay import RecordingBackend, replay_after
 from lowbit.kernels.dispatch import prepare_model
+
+# Every Generator compiles the same method (one code object): by default Dynamo keeps all their
+# graphs in one cache and stops compiling after 8 (``recompile_limit``), so a process holding
+# several models (a benchmark, an eval sweep) fell back to eager. Each Generator gets its own cache
+# where torch.compile offers that (``isolate_recompiles``, newer torch).
+_ISOLATED: dict[str, Any] = ({"isolate_recompiles": True}
+                             if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {})
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -119,7 +127,8 @@ class Generator:
         self.decode_attention: str | None = decode_attention
         if compile:
             if self.device.type == "cuda":
-                self._step = torch.compile(self._forward_step, mode="reduce-overhead", dynamic=False)
+                self._step = torch.compile(self._forward_step, mode="reduce-overhead", dynamic=False,
+                                           **_ISOLATED)
             else:
                 if cpp_wrapper is None:
                     cpp_wrapper = sum(p.numel() for p in model.parameters()) < CPP_WRAPPER_MAX_PARAMS
@@ -139,7 +148,7 @@ class Generator:
     def _compile(self, options: dict[str, Any]) -> tuple[StepFn, RecordingBackend]:
         """The decode step compiled by Inductor with ``options``, through a backend that records its graph."""
         backend = RecordingBackend(options)
-        return torch.compile(self._forward_step, dynamic=False, backend=backend), backend
+        return torch.compile(self._forward_step, dynamic=False, backend=backend, **_ISOLATED), backend
 
     def _forward_last(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=cache_position,
