@@ -96,19 +96,19 @@ def test_replayed_steps_see_weights_replaced_between_generations(tiny_lm: torch.
     assert after.tokens != before and gen.replayed_steps == 2 * (NEW - 2)
 
 
-def test_generators_do_not_share_dynamos_recompile_limit(tiny_lm: torch.nn.Module,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generators_do_not_share_dynamos_recompile_limit(tiny_lm: torch.nn.Module) -> None:
     """Every Generator compiles the same method; each keeps its own Dynamo cache, so a process with
     several models does not run into the recompile limit (8 by default; 1 here) and fall to eager."""
     from lowbit.generate import _ISOLATED
 
     if not _ISOLATED:
         pytest.skip("this torch has no torch.compile(isolate_recompiles=...)")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    for model in (tiny_lm, lowbit.quantize(_copy(tiny_lm), QuantSpec.int_(8, None))):
-        gen = Generator(model, max_cache_len=64, compile=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="lowbit: compiling")  # no fallback to eager
+    models = (tiny_lm, lowbit.quantize(_copy(tiny_lm), QuantSpec.int_(8, None)))
+    # torch's config.patch, not monkeypatch.setattr, whose undo deletes the option from the config
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lowbit: compiling")  # no fallback to eager
+        for model in models:
+            gen = Generator(model, max_cache_len=64, compile=True)
             assert gen.generate(PROMPT, 4).compiled and gen.replayed_steps == 2
 
 
