@@ -89,12 +89,11 @@ def replay_after(backend: RecordingBackend, counts_before: list[int], token_in: 
                  result: tuple[torch.Tensor, torch.Tensor]) -> Replay | None:
     """A :class:`Replay` of the step that just ran (``token_in`` → ``result``), or None when the
     step is not exactly one recorded graph call (see the module docstring)."""
-    counts = backend.call_counts()
-    before = counts_before + [0] * (len(counts) - len(counts_before))
-    ran = [g for g, n, m in zip(backend.graphs, before, counts) if m != n]
-    if len(ran) != 1 or counts[backend.graphs.index(ran[0])] - before[backend.graphs.index(ran[0])] != 1:
+    before = counts_before + [0] * (len(backend.graphs) - len(counts_before))  # graphs compiled by the step: 0
+    ran = [(g, g.calls - n) for g, n in zip(backend.graphs, before) if g.calls != n]
+    if len(ran) != 1 or ran[0][1] != 1:
         return None
-    graph = ran[0]
+    graph = ran[0][0]
     out = graph.last_out
     if not isinstance(out, (list, tuple)) or len(out) != 2 or out[0] is not result[0] or out[1] is not result[1]:
         return None

@@ -74,8 +74,8 @@ def select_targets(model: nn.Module, recipe: QuantRecipe) -> dict[str, QuantSpec
 
 def tied_target_sources(model: nn.Module, targets: dict[str, QuantSpec]) -> dict[str, str]:
     """{target module name: the parameter its weight is tied to} for targets that are tied layers."""
-    return {target.rsplit(".", 1)[0]: source for target, source in tied_parameter_names(model).items()
-            if target.rsplit(".", 1)[0] in targets}
+    modules = {target.rsplit(".", 1)[0]: source for target, source in tied_parameter_names(model).items()}
+    return {name: source for name, source in modules.items() if name in targets}
 
 
 def untie_quantized_head(model: nn.Module) -> bool:
