@@ -79,6 +79,11 @@ class QuantizedWeight:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.numel
 
+    @property
+    def device(self) -> torch.device:
+        """Where the stored tensors live."""
+        return self.tensors["qdata"].device
+
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         return QuantizedWeight(self.spec, self.shape, {k: v.to(device) for k, v in self.tensors.items()})
 

@@ -26,6 +26,7 @@ from lowbit.formats import primitives as P
 from lowbit.formats.codebooks import codebook
 from lowbit.formats.packing import pack, unpack
 from lowbit.formats.spec import DOUBLE_QUANT_BLOCK, QuantSpec
+from lowbit.errors import InvalidSpecError
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -120,6 +121,26 @@ def decode_zero(tensors: TensorDict, spec: QuantSpec, sshape: tuple[int, int]) -
     if spec.float_zero:
         return tensors["zero"].float().reshape(sshape)
     return unpack(tensors["zero"], spec.bits, sshape[1]).float()
+
+
+def encode_on_grid(weight: torch.Tensor, tensors: TensorDict, spec: QuantSpec, name: str = "weight") -> TensorDict:
+    """Store ``weight`` [N, K] on the quantization grid of an existing stored weight (``tensors``): its
+    scales (and zero-points) are kept, only the codes are chosen anew, by round-to-nearest.
+
+    Used to fold a small update (a merged adapter) into a quantized weight without re-rounding the
+    whole matrix onto fresh scales. Int, NF4 and FP4 formats; others raise InvalidSpecError.
+    """
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    sshape = P.scale_shape(shape, spec)
+    if spec.format == "int":
+        return encode_int(weight, spec, _load_scale(tensors, spec, sshape), decode_zero(tensors, spec, sshape), name)
+    if spec.format in ("nf4", "fp4"):
+        x = P.grouped(weight.float(), spec, name)
+        absmax = _load_scale(tensors, spec, sshape).clamp(min=1e-12)
+        codes = P.quantize_codebook(x, absmax, codebook(spec.format))
+        kept = {k: v.clone() for k, v in tensors.items() if k != "qdata"}
+        return {"qdata": pack(codes.reshape(shape), 4), **kept}
+    raise InvalidSpecError(f"{name}: keeping the quantization grid is supported for int/nf4/fp4, not {spec.format}")
 
 
 def decode_scale(tensors: TensorDict, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
