@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: quantize | eval | info | demo.
+"""The ``lowbit`` command line: quantize | eval | generate | finetune | merge | info | demo.
 
 With ``--json`` the last line on stdout is one JSON object; user errors print one line on stderr
 and exit with status 2 (no traceback).
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-compile", dest="compile", action="store_false",
                    help="--speed: decode eagerly instead of through torch.compile")
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    e.add_argument("--adapter", default=None, metavar="DIR",
+                   help="evaluate MODEL with this peft adapter (lowbit finetune's OUT, or one peft wrote)")
     _common(e)
 
     g = sub.add_parser("generate", help="greedy text generation with the compiled decode loop",
@@ -105,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available, else cpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _common(g)
+
+    from lowbit.cli import finetune, merge
+
+    finetune.add_parser(sub, _common)
+    merge.add_parser(sub, _common)
 
     i = sub.add_parser("info", help="describe a model directory without loading its weights")
     i.add_argument("path")
@@ -226,8 +233,15 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.io.checkpoint import load
 
     _set_threads(args.threads)
-    model = load(args.model)
+    if args.adapter:
+        from lowbit.peft.finetune import load_with_adapter
+
+        model = load_with_adapter(args.model, args.adapter)
+    else:
+        model = load(args.model)
     summary: dict[str, Any] = {"model": args.model, **model_size(model).to_dict()}
+    if args.adapter:
+        summary["adapter"] = str(args.adapter)
     if args.speed:
         summary.update(_eval_speed(model, args))
     if args.ppl is not None:
@@ -359,8 +373,20 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": [r.to_dict() for r in rows], "seconds": round(time.perf_counter() - start, 3)}
 
 
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.finetune import cmd_finetune as run
+
+    return run(args)
+
+
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.merge import cmd_merge as run
+
+    return run(args)
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "generate": cmd_generate}
+            "generate": cmd_generate, "finetune": cmd_finetune, "merge": cmd_merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
