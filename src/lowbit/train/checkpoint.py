@@ -1,0 +1,212 @@
+"""Atomic training checkpoints in ``out_dir/checkpoint/`` (safetensors + JSON only; no pickle).
+
+Layout::
+
+    checkpoint/trainable.safetensors   trainable parameters by model parameter name
+    checkpoint/optimizer.safetensors   optimizer state tensors, keys "<param name>::<state key>"
+    checkpoint/rng.safetensors         torch RNG states as uint8 tensors ("torch_cpu.rank<r>", "torch_cuda.rank<r>")
+    checkpoint/state.json              step, data position, tokens, elapsed, last loss, config, RNG of
+                                       python ``random`` (and numpy's keys in rng.safetensors), format version
+
+Writing goes to ``.checkpoint.tmp/`` (every file fsynced), then the old ``checkpoint/`` is renamed to
+``.checkpoint.old/``, the new one renamed into place, the directory fsynced and the old one removed.
+A crash at any point leaves either ``checkpoint/`` or ``.checkpoint.old/`` complete;
+:func:`find_checkpoint` picks whichever is. Only the latest good checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import CorruptFileError
+from lowbit.train.errors import CheckpointMismatchError
+
+FORMAT_VERSION = 1
+CHECKPOINT = "checkpoint"
+_TMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
+_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+SEP = "::"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    params: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+# ---- writing --------------------------------------------------------------------------------------
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
+                    rng: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically to ``out_dir/checkpoint`` (replacing the previous one) and return its path."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp, old = out_dir / CHECKPOINT, out_dir / _TMP, out_dir / _OLD
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, tensors in (("trainable", params), ("optimizer", optimizer), ("rng", rng)):
+            path = tmp / f"{name}.safetensors"
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+            _fsync(path)
+        body = dict(state, format_version=FORMAT_VERSION)
+        (tmp / "state.json").write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        _fsync(tmp / "state.json")
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        if _complete(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        else:
+            shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in _FILES)
+
+
+# ---- reading --------------------------------------------------------------------------------------
+
+def find_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint directory under ``out_dir`` (``checkpoint/``, else a crash-left ``.checkpoint.old/``)."""
+    for name in (CHECKPOINT, _OLD):
+        path = Path(out_dir) / name
+        if path.is_dir() and _complete(path):
+            return path
+    return None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tensors = {}
+    for name in ("trainable", "optimizer", "rng"):
+        file = path / f"{name}.safetensors"
+        try:
+            tensors[name] = load_file(str(file))
+        except (SafetensorError, OSError) as exc:
+            raise CorruptFileError(f"{file}: cannot read checkpoint tensors ({exc})") from None
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{path / 'state.json'}: cannot read checkpoint state ({exc})") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CorruptFileError(f"{path / 'state.json'}: checkpoint format {state.get('format_version')!r}, "
+                               f"this lowbit reads {FORMAT_VERSION}")
+    return Checkpoint(path, tensors["trainable"], tensors["optimizer"], tensors["rng"], state)
+
+
+# ---- model / optimizer / RNG state <-> tensors -----------------------------------------------------
+
+def check_params(named: dict[str, nn.Parameter], ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint whose trainable parameter names or shapes differ from the model's."""
+    for name, p in named.items():
+        if name not in ckpt.params:
+            raise CheckpointMismatchError(f"{ckpt.path}: has no tensor for trainable parameter {name} "
+                                          f"(shape {tuple(p.shape)}); it was written for another model/adapters")
+        if tuple(ckpt.params[name].shape) != tuple(p.shape):
+            raise CheckpointMismatchError(f"{ckpt.path}: parameter {name} has shape {tuple(ckpt.params[name].shape)} "
+                                          f"in the checkpoint but {tuple(p.shape)} in the model")
+    extra = sorted(set(ckpt.params) - set(named))
+    if extra:
+        raise CheckpointMismatchError(f"{ckpt.path}: parameter {extra[0]} (shape {tuple(ckpt.params[extra[0]].shape)}) "
+                                      "is in the checkpoint but not trainable in the model")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer,
+                      named: dict[str, nn.Parameter]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state → (tensors keyed ``"<param>::<key>"``, JSON scalars keyed the same way)."""
+    tensors, scalars = {}, {}
+    for name, p in named.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}{SEP}{key}"] = value
+            else:
+                scalars[f"{name}{SEP}{key}"] = value
+    return tensors, scalars
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], ckpt: Checkpoint) -> None:
+    """Put the checkpoint's optimizer state back (tensors keep their stored dtypes; moved to the param's device)."""
+    scalars = ckpt.state.get("optimizer_scalars", {})
+    for name, p in named.items():
+        state = {}
+        for source in (ckpt.optimizer, scalars):
+            for key, value in source.items():
+                pname, _, skey = key.rpartition(SEP)
+                if pname == name:
+                    on_cpu = skey == "step" and isinstance(value, torch.Tensor) and value.dim() == 0
+                    state[skey] = value if not isinstance(value, torch.Tensor) or on_cpu else value.to(p.device)
+        if state:
+            optimizer.state[p] = state
+
+
+def rng_state(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states → (uint8/int64 tensors, JSON values)."""
+    tensors = {f"torch_cpu.rank{rank}": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors[f"torch_cuda.rank{rank}"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    values: dict[str, Any] = {"python_random": [version, list(internal), gauss]}
+    if "numpy" in sys.modules:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
+        values["numpy_random"] = [kind, int(pos), int(has_gauss), float(cached)]
+    return tensors, values
+
+
+def restore_rng(ckpt: Checkpoint, rank: int) -> None:
+    """Restore this rank's torch RNG (rank 0's when the checkpoint has none for it), python's and numpy's."""
+    cpu = ckpt.rng.get(f"torch_cpu.rank{rank}", ckpt.rng.get("torch_cpu.rank0"))
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    cuda = ckpt.rng.get(f"torch_cuda.rank{rank}")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+    py = ckpt.state.get("python_random")
+    if py:
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = ckpt.state.get("numpy_random")
+    if np_state and "numpy_keys" in ckpt.rng:
+        import numpy as np
+
+        kind, pos, has_gauss, cached = np_state
+        np.random.set_state((kind, ckpt.rng["numpy_keys"].numpy().astype("uint32"), pos, has_gauss, cached))
