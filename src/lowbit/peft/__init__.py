@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from lowbit.peft.base import AdapterLayer, LayerAdapter
 from lowbit.peft.config import AdapterConfig
+from lowbit.peft.adalora import AdaLoraConfig, adalora_callbacks
+from lowbit.peft.bottleneck import BottleneckConfig
+from lowbit.peft.ia3 import IA3Config
 from lowbit.peft.lora import LoraConfig
 from lowbit.peft.model import (active_adapters, adapter_config, adapter_names, apply_adapter, count_parameters,
                                delete_adapter, disable_adapters, per_sample_adapters, set_adapter,
@@ -17,7 +20,7 @@ from lowbit.peft.model import (active_adapters, adapter_config, adapter_names, a
 from lowbit.peft.peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 
 __all__ = [
-    "AdapterConfig", "AdapterLayer", "LayerAdapter", "LoraConfig", "active_adapters", "adapter_config",
+    "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BottleneckConfig", "IA3Config", "adalora_callbacks", "LayerAdapter", "LoraConfig", "active_adapters", "adapter_config",
     "adapter_names", "adapter_state_dict", "apply_adapter", "count_parameters", "delete_adapter",
     "disable_adapters", "load_adapter", "per_sample_adapters", "read_adapter_config", "save_adapter",
     "set_adapter", "trainable_parameters",

@@ -230,7 +230,9 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str] | None, e
     """Names of the linear layers ``target_modules`` selects (``"all-linear"``: every linear layer but
     the output head). Nothing matched is an error listing the nearest layer names."""
     skip = set(extra_skip)
-    linears = [n for n, m in model.named_modules() if n and is_linear(m) and not _inside_adapter(n)]
+    linears = [n for n, m in model.named_modules()  # an already-adapted layer counts as its wrapper's name
+               if n and (isinstance(m, AdapterLayer) or (is_linear(m) and not n.endswith(".base_layer")))
+               and not _inside_adapter(n)]
     if target_modules is None:
         raise InvalidSpecError(f"{what}: target_modules is required (layer names, a regex, or 'all-linear')")
     if target_modules == "all-linear":
