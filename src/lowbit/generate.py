@@ -177,9 +177,10 @@ class Generator:
             raise LowbitError("the prompt is empty")
         if max_new_tokens < 1:
             raise LowbitError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        if prompt_len + max_new_tokens > self.max_cache_len:
-            raise LowbitError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the cache "
-                              f"length {self.max_cache_len}")
+        extra = virtual_tokens(self.model)
+        if prompt_len + max_new_tokens + extra > self.max_cache_len:
+            raise LowbitError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + virtual tokens ({extra}) "
+                              f"exceeds the cache length {self.max_cache_len}")
         ids = ids.to(self.device)
         self.cache.reset()
         logits_kept: list[torch.Tensor] = []
@@ -278,13 +279,22 @@ def _c_shims() -> dict[Any, list[str]]:
     return dict(C_SHIMS)
 
 
+def virtual_tokens(model: nn.Module) -> int:
+    """Cache positions a prompt/prefix-tuning adapter adds in front of the prompt (0 without one)."""
+    if getattr(model, "lowbit_prompt_learning", None) is None:
+        return 0
+    from lowbit.peft.prompt import virtual_tokens as count
+
+    return count(model)
+
+
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, *,
                   compile: bool = True, stop_at_eos: bool = True) -> tuple[str, GenerationResult]:
     """Greedy continuation of ``prompt``: (decoded new text, the GenerationResult)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise LowbitError("the prompt encodes to no tokens")
-    gen = Generator(model, max_cache_len=ids.shape[1] + max_new_tokens, compile=compile)
+    gen = Generator(model, max_cache_len=ids.shape[1] + max_new_tokens + virtual_tokens(model), compile=compile)
     if gen.compiled and max_new_tokens > 1:
         gen.generate(ids, 2)  # compile the decode step outside the timed generation
     eos = getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None

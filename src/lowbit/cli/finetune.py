@@ -53,9 +53,9 @@ def add_parser(sub: Any, common: Any) -> None:
     t.add_argument("--messages-field", default="messages")
     t.add_argument("--label-field", default="label", help="classification label field")
     a = f.add_argument_group("adapter")
-    a.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    a.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2·r)")
-    a.add_argument("--dropout", type=float, default=0.0)
+    a.add_argument("--lora-r", "--r", dest="r", type=int, default=16, help="LoRA rank (default 16)")
+    a.add_argument("--lora-alpha", "--alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2·r)")
+    a.add_argument("--lora-dropout", "--dropout", dest="dropout", type=float, default=0.0)
     a.add_argument("--target-modules", default="all-linear",
                    help="comma-separated layer names, a regex, or all-linear (default)")
     a.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")

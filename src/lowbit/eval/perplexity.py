@@ -63,7 +63,8 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seq_len: int = DEFA
     total_tokens = 0
     for batch in progress(batches, desc="perplexity", enabled=show_progress, unit="batch"):
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits.float()  # [B, L, V]
+        logits = model(input_ids=batch).logits.float()  # [B, L, V] (+ virtual positions in front: prompt tuning)
+        logits = logits[:, logits.shape[1] - batch.shape[1]:]
         nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                           reduction="sum")
         total_nll += nll.item()

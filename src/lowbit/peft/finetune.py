@@ -32,6 +32,7 @@ class FinetuneResult:
     tokens_per_s: float
     final_loss: float
     eval_loss: float | None
+    initial_eval_loss: float | None
     peak_memory_bytes: int
     seconds: float
     trainable_params: int
@@ -70,13 +71,18 @@ def finetune(model: nn.Module, adapter: AdapterConfig, train_data: Any, train_co
     rank0 = init_distributed().is_main
     if rank0:
         _prepare_out(out, resume=train_config.resume, overwrite=overwrite)
+    import torch
+
+    torch.manual_seed(train_config.seed)  # adapter initialisation is part of the run: --seed fixes it
     apply_adapter(model, adapter, adapter_name)
     trainable, total = count_parameters(model)
     callbacks = [*method_callbacks(model, adapter, adapter_name), *callbacks]
     config = dataclasses.replace(train_config, out_dir=out)
-    result = Trainer(model, config, train_data, eval_data, callbacks=callbacks).train()
+    trainer = Trainer(model, config, train_data, eval_data, callbacks=callbacks)
+    initial = trainer.evaluate() if eval_data is not None else None  # the adapter starts as the base (or near)
+    result = trainer.train()
     summary = FinetuneResult(str(out), result.steps, result.tokens, round(result.tokens_per_s, 2),
-                             result.final_loss, result.eval_loss, result.peak_memory_bytes,
+                             result.final_loss, result.eval_loss, initial, result.peak_memory_bytes,
                              round(result.seconds, 3), trainable, total)
     if rank0:
         write_adapter_files(model, out, adapter_name)

@@ -378,12 +378,19 @@ def _add_modules_to_save(model: nn.Module, config: Any, adapter_name: str) -> li
     return names
 
 
+def _saved_prefix(model: nn.Module, name: str) -> str:
+    """peft's key prefix for modules_to_save: prompt-learning PeftModels hold the base model directly
+    ('base_model.<module>'); tuner methods wrap it once more ('base_model.model.<module>')."""
+    config = peft_state(model).configs.get(name)
+    return "base_model." if config is not None and config.is_prompt_learning else PREFIX
+
+
 def modules_to_save_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     out = {}
     for module_name in peft_state(model).saved_modules.get(name, []):
         wrapper = model.get_submodule(module_name)
         for key, tensor in wrapper.copies[name].state_dict().items():
-            out[f"{PREFIX}{module_name}.{key}"] = tensor
+            out[f"{_saved_prefix(model, name)}{module_name}.{key}"] = tensor
     return out
 
 
@@ -391,7 +398,7 @@ def load_modules_to_save(model: nn.Module, name: str, state: dict[str, torch.Ten
     for module_name in peft_state(model).saved_modules.get(name, []):
         wrapper = model.get_submodule(module_name)
         target = wrapper.copies[name]
-        prefix = f"{PREFIX}{module_name}."
+        prefix = f"{_saved_prefix(model, name)}{module_name}."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         want = target.state_dict()
         for key, tensor in sub.items():

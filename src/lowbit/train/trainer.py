@@ -300,6 +300,8 @@ class Trainer:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
         if self.config.task == "causal_lm":
+            # prompt tuning prepends virtual positions: the last S logits belong to the S input tokens
+            logits = logits[:, logits.shape[1] - labels.shape[1]:]
             logits, labels = logits[:, :-1], labels[:, 1:]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
