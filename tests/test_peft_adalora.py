@@ -312,3 +312,37 @@ def test_resume_after_budgeting(llama_dir):
     fresh = AdaLoraScheduler(model)
     fresh.after_optimizer_step(model, 10)
     assert fresh.finalized and fresh.kept_ranks() == kept
+
+
+def test_interrupted_run_resumes_mid_budget_bit_identically(llama_dir, tmp_path):
+    """The trainer checkpoints the scheduler's importance averages: a run stopped during the budgeting
+    phase and resumed ends with the same adapter and ranks as an uninterrupted one."""
+    from lowbit.train import TrainConfig, Trainer
+    from lowbit.train.data import TokenDataset
+
+    x = torch.randint(5, 4096, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = TokenDataset({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
+
+    class Stop:
+        def after_optimizer_step(self, model, step):
+            if step == 5:
+                raise KeyboardInterrupt
+
+    def run(out, extra=(), resume=False):
+        torch.manual_seed(0)
+        model = lowbit.load(llama_dir)
+        apply_adapter(model, AdaLoraConfig(target_modules=["q_proj", "v_proj"], **SCHEDULE))
+        callbacks = adalora_callbacks(model)
+        config = TrainConfig(steps=10, batch_size=2, lr=1e-2, show_progress=False, plot=False, out_dir=out,
+                             checkpoint_every=2, resume=resume)
+        Trainer(model, config, data, callbacks=[*callbacks, *extra]).train()
+        return model, callbacks[0]
+
+    full, full_sched = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", extra=[Stop()])
+    resumed, sched = run(tmp_path / "cut", resume=True)
+    a = {n: p for n, p in full.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert sched.kept_ranks() == full_sched.kept_ranks()

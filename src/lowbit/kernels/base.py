@@ -52,7 +52,7 @@ class PreparedLinear:
     weight: QuantizedWeight  # the canonical stored weight (for the backward fallback)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return _KernelLinear.apply(x, self, bias)
         return self.kernel.apply(x, self.state, bias)
 
@@ -72,6 +72,12 @@ class _KernelLinear(torch.autograd.Function):
         return prepared.kernel.apply(x, prepared.state, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        w = ctx.prepared.dequantize(grad_out.dtype)  # [N, K]
-        return (grad_out @ w).to(ctx.x_dtype), None, None
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.prepared.dequantize(grad_out.dtype)  # [N, K]
+            grad_x = (grad_out @ w).to(ctx.x_dtype)
+        grad_bias = None
+        if ctx.needs_input_grad[2]:  # a trained bias (adapters' bias="all" / "lora_only")
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias

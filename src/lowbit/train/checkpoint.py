@@ -34,7 +34,8 @@ from lowbit.train.errors import CheckpointMismatchError
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint"
 _TMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
-_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "callbacks.safetensors", "state.json")
+_GROUPS = ("trainable", "optimizer", "rng", "callbacks")
 SEP = "::"
 
 
@@ -45,6 +46,7 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
     state: dict[str, Any]
+    callbacks: dict[str, torch.Tensor]
 
     @property
     def step(self) -> int:
@@ -62,7 +64,8 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
-                    rng: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+                    rng: dict[str, torch.Tensor], state: dict[str, Any],
+                    callbacks: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint atomically to ``out_dir/checkpoint`` (replacing the previous one) and return its path."""
     from safetensors.torch import save_file
 
@@ -72,7 +75,8 @@ def save_checkpoint(out_dir: str | Path, *, params: dict[str, torch.Tensor], opt
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name, tensors in (("trainable", params), ("optimizer", optimizer), ("rng", rng)):
+        for name, tensors in (("trainable", params), ("optimizer", optimizer), ("rng", rng),
+                              ("callbacks", callbacks or {})):
             path = tmp / f"{name}.safetensors"
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
             _fsync(path)
@@ -116,7 +120,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     path = Path(path)
     tensors = {}
-    for name in ("trainable", "optimizer", "rng"):
+    for name in _GROUPS:
         file = path / f"{name}.safetensors"
         try:
             tensors[name] = load_file(str(file))
@@ -129,7 +133,53 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if state.get("format_version") != FORMAT_VERSION:
         raise CorruptFileError(f"{path / 'state.json'}: checkpoint format {state.get('format_version')!r}, "
                                f"this lowbit reads {FORMAT_VERSION}")
-    return Checkpoint(path, tensors["trainable"], tensors["optimizer"], tensors["rng"], state)
+    return Checkpoint(path, tensors["trainable"], tensors["optimizer"], tensors["rng"], state, tensors["callbacks"])
+
+
+# ---- callbacks' own state (e.g. AdaLoRA's importance averages) -------------------------------------
+
+_DICT = "__dict__"
+
+
+def callback_state(callbacks: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten each callback's ``state_dict()`` (nested dicts of tensors and JSON values) into tensors
+    (for safetensors) and JSON values, keyed ``<index>::<key>::…``."""
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensors[prefix] = obj
+        elif isinstance(obj, dict):
+            values[prefix] = _DICT
+            for key, value in obj.items():
+                walk(f"{prefix}{SEP}{key}", value)
+        else:
+            values[prefix] = obj
+    for i, callback in enumerate(callbacks):
+        if hasattr(callback, "state_dict"):
+            walk(str(i), callback.state_dict())
+    return tensors, values
+
+
+def restore_callbacks(callbacks: Any, ckpt: Checkpoint) -> None:
+    """Give each callback with ``load_state_dict`` the state :func:`callback_state` saved for it."""
+    values = ckpt.state.get("callbacks", {})
+    for i, callback in enumerate(callbacks):
+        if not hasattr(callback, "load_state_dict") or str(i) not in values:
+            continue
+        root: dict[str, Any] = {}
+        items = [(k, v) for k, v in values.items() if k == str(i) or k.startswith(f"{i}{SEP}")]
+        items += [(k, v) for k, v in ckpt.callbacks.items() if k.startswith(f"{i}{SEP}")]
+        for key, value in sorted(items, key=lambda kv: kv[0].count(SEP)):
+            parts = key.split(SEP)[1:]
+            if not parts:
+                continue
+            node = root
+            for part in parts[:-1]:
+                node = node[part]
+            node[parts[-1]] = {} if isinstance(value, str) and value == _DICT else value
+        callback.load_state_dict(root)
 
 
 # ---- model / optimizer / RNG state <-> tensors -----------------------------------------------------

@@ -360,6 +360,7 @@ class Trainer:
                 p.copy_(ckpt.params[name])
         ckpt_io.restore_optimizer(optimizer, self.named, ckpt)
         ckpt_io.restore_rng(ckpt, dist.rank)
+        ckpt_io.restore_callbacks(self.callbacks, ckpt)
         return {k: ckpt.state[k] for k in ("step", "position", "tokens", "elapsed", "loss", "eval_loss")}
 
     def _save(self, optimizer: torch.optim.Optimizer, run: dict[str, Any], dist: DistContext) -> Path | None:
@@ -372,8 +373,11 @@ class Trainer:
             return None
         tensors, scalars = ckpt_io.optimizer_tensors(optimizer, self.named)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
-        state = dict(run, world_size=dist.world_size, config=config, optimizer_scalars=scalars, **rng_values)
-        return ckpt_io.save_checkpoint(self.out_dir, params=dict(self.named), optimizer=tensors, rng=rng, state=state)
+        cb_tensors, cb_values = ckpt_io.callback_state(self.callbacks)
+        state = dict(run, world_size=dist.world_size, config=config, optimizer_scalars=scalars, callbacks=cb_values,
+                     **rng_values)
+        return ckpt_io.save_checkpoint(self.out_dir, params=dict(self.named), optimizer=tensors, rng=rng, state=state,
+                                       callbacks=cb_tensors)
 
     def _progress_bar(self, start: int, dist: DistContext) -> Any:
         if not (self.config.show_progress and dist.is_main):
