@@ -97,14 +97,19 @@ def test_qlora_nf4_instructions_then_merge(tmp_path: Path, capsys: pytest.Captur
     run = json.loads((out / "lowbit_finetune.json").read_text())
     assert run["base"]["quantize"]["format"] == "nf4" and run["base"]["quantize"]["double_quant"]
 
-    requant = _run_json(["merge", "builtin:tiny-lm", str(out), "-o", str(tmp_path / "m4"), "--json", "--quiet"], capsys)
-    assert requant["requantized"] and requant["layers_merged"] == 28
+    requant = _run_json(["merge", "builtin:tiny-lm", str(out), "-o", str(tmp_path / "m4"), "--eval-data", str(held),
+                         "--json", "--quiet"], capsys)
+    assert requant["requantized"] and requant["layers_merged"] == 28 and requant["merge_method"] == "gptq-grid"
+    assert abs(requant["eval_loss_before"] - r["eval_loss"]) < 1e-4  # the adapter as trained
+    # the merged, re-quantized model keeps the fine-tune: within 2 % of the unmerged model's loss
+    assert requant["eval_loss_after"] <= 1.02 * requant["eval_loss_before"], requant
     assert abs(requant["loss_after"] - requant["loss_before"]) <= 0.02 * requant["loss_before"]
     info = _run_json(["info", str(tmp_path / "m4"), "--json"], capsys)
     assert info["spec_counts"] == {"nf4-b64-dq": 28}
     flt = _run_json(["merge", "builtin:tiny-lm", str(out), "-o", str(tmp_path / "mf"), "--merge-dtype", "float32",
-                     "--json", "--quiet"], capsys)
+                     "--eval-data", str(held), "--json", "--quiet"], capsys)
     assert not flt["requantized"] and abs(flt["loss_after"] - flt["loss_before"]) < 1e-4
+    assert abs(flt["eval_loss_after"] - flt["eval_loss_before"]) < 1e-4
     e = _run_json(["eval", str(tmp_path / "mf"), "--ppl", "--json", "--quiet"], capsys)
     assert abs(e["ppl"] - flt["ppl_after"]) < 1e-3
 

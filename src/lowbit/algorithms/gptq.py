@@ -164,3 +164,58 @@ def _inverse_hessian_cholesky(h: torch.Tensor, config: GPTQConfig, name: str) ->
         del lower
         return torch.linalg.cholesky(inverse, upper=True)
     raise AssertionError("unreachable")
+
+
+def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantizedWeight,
+                 config: GPTQConfig = GPTQConfig(), name: str = "weight") -> QuantizedWeight:
+    """Store ``weight`` [N, K] on an existing weight's quantization grid (its scales, zero-points and
+    codebook kept), choosing each code by GPTQ's error-compensated rounding under ``hessian`` [K, K].
+
+    For folding an update into a quantized weight (a merged adapter): plain rounding onto the grid
+    drops any change smaller than half a step; compensating each column's rounding error on the
+    columns not yet rounded keeps the layer's *output* close to ``weight``'s. Int, NF4 and FP4 grids.
+    """
+    from lowbit.formats.codebooks import codebook
+    from lowbit.formats.codecs import encode_on_grid
+
+    spec = grid.spec
+    if spec.format not in ("int", "nf4", "fp4") or spec.granularity == "tensor" and spec.format != "int":
+        raise InvalidSpecError(f"{name}: GPTQ on a fixed grid supports int/nf4/fp4 formats, got {spec.describe()}")
+    w = weight.detach().to(torch.float32).clone()
+    n, k = w.shape
+    g = spec.group_size if spec.granularity == "group" else k
+    scale = grid.scale.to(w.device).reshape(n, -1)  # [N, G] (per-tensor: one column, broadcast)
+    if spec.format == "int":
+        zero = grid.zero_point.to(w.device, torch.float32).reshape(n, -1)
+        qmin, qmax = P.int_range(spec.bits, spec.symmetric)
+
+        def round_column(col: torch.Tensor, j: int) -> torch.Tensor:
+            s, z = scale[:, min(j // g, scale.shape[1] - 1)], zero[:, min(j // g, zero.shape[1] - 1)]
+            return (torch.clamp(torch.round(col / s + z), qmin, qmax) - z) * s
+    else:
+        book = codebook(spec.format).to(w.device)
+
+        def round_column(col: torch.Tensor, j: int) -> torch.Tensor:
+            s = scale[:, j // g]
+            nearest = (col.div(s).clamp(-1, 1).unsqueeze(1) - book.unsqueeze(0)).abs().argmin(1)
+            return book[nearest] * s
+
+    h = hessian.to(w.device, torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True) if config.act_order else torch.arange(k, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_cholesky(h, config, name)
+    q_all = torch.zeros_like(w)
+    for i1 in range(0, k, config.block_size):
+        i2 = min(i1 + config.block_size, k)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=w.device)
+        for i in range(i2 - i1):
+            q = round_column(w1[:, i], int(perm[i1 + i]))
+            q_all[:, i1 + i] = q
+            err1[:, i] = (w1[:, i] - q) / hinv[i1 + i, i1 + i]
+            w1[:, i:] -= err1[:, i : i + 1] * hinv[i1 + i, i1 + i : i2].unsqueeze(0)
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    q_all = q_all[:, torch.argsort(perm)]
+    tensors = {key: value.to(w.device) for key, value in grid.tensors.items()}
+    return QuantizedWeight(spec, grid.shape, encode_on_grid(q_all, tensors, spec, name))

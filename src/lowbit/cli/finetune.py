@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from lowbit.errors import InvalidSpecError, LowbitError
@@ -182,7 +183,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     if args.init == "loftq":
         base["loftq"] = True
     result = finetune(model, config, train, train_config, args.out, eval_data=held_out, base=base,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, data_source=str(Path(args.data).resolve()))
     if args.init == "loftq":
         _save_loftq_base(model, args.out)
     summary = result.to_dict()

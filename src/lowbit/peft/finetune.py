@@ -56,7 +56,8 @@ def quantize_base(model: nn.Module, spec_dict: dict[str, Any] | None) -> nn.Modu
 
 def finetune(model: nn.Module, adapter: AdapterConfig, train_data: Any, train_config: Any, out: str | Path, *,
              eval_data: Any = None, adapter_name: str = "default", callbacks: Sequence[Any] = (),
-             base: dict[str, Any] | None = None, overwrite: bool = False) -> FinetuneResult:
+             base: dict[str, Any] | None = None, overwrite: bool = False,
+             data_source: str | None = None) -> FinetuneResult:
     """Add ``adapter`` to ``model``, train it with lowbit's trainer, write the peft adapter into ``out``.
 
     ``train_config`` is a :class:`lowbit.train.TrainConfig` (its ``out_dir`` is set to ``out``);
@@ -87,6 +88,7 @@ def finetune(model: nn.Module, adapter: AdapterConfig, train_data: Any, train_co
     if rank0:
         write_adapter_files(model, out, adapter_name)
         _write_json(out / RUN_FILE, {"base": base or {}, "adapter_name": adapter_name, "result": summary.to_dict(),
+                                     "data": data_source,
                                      "train_config": _jsonable(asdict(config))})
     return summary
 

@@ -1,8 +1,11 @@
 """Merge adapters back into the base: into float weights, or into the base's own quantized format.
 
-Merging into a quantized base re-quantizes ``W' = deq(Q) + ΔW`` with the layer's own spec and the
-model's method: RTN and HQQ directly, GPTQ and AWQ on calibration data (error-compensated, which
-keeps more of a small ΔW than rounding does). The report gives, per layer, how far the stored
+Merging into a quantized base re-quantizes ``W' = deq(Q) + ΔW`` with the layer's own spec. Without
+data each layer takes the better (in ‖deq − W'‖) of a fresh RTN (HQQ for HQQ models) quantization and
+rounding onto the base's own grid; both lose most of an update smaller than half a quantization step.
+With calibration data (token ids, or the training data) the codes are chosen on the base's grid by
+GPTQ's error-compensated rounding under each layer's input Hessian (``gptq_on_grid``), which keeps
+the layer's *output* close to the exact merge: that is what the model-level loss sees. The report gives, per layer, how far the stored
 result is from the exact float merge (``weight_rel_error``) and how much of the adapter's update
 survived (``delta_rel_error`` = ‖stored − deq(Q) − ΔW‖ / ‖ΔW‖). Unmerging restores the base exactly.
 """
@@ -62,9 +65,10 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, requa
           tokenizer: Any = None, show_progress: bool = False) -> MergeReport:
     """Fold the (active, by default) layer adapters into their base layers, in place.
 
-    A quantized base is re-quantized with its own spec (``requantize``, the default) by ``method``
-    (default: the model's quantization method; GPTQ/AWQ need ``calibration``, else RTN is used and
-    the report says so). ``merge_dtype`` keeps a float result instead. Float bases stay float.
+    A quantized base is re-quantized with its own spec (``requantize``, the default): with
+    ``calibration`` (a CalibConfig, token ids [n, L], or {"input_ids", "attention_mask"}) by GPTQ on
+    the base's grid, else by rounding (``method`` "hqq" uses HQQ for fresh quantization). The report
+    says which. ``merge_dtype`` keeps a float result instead. Float bases stay float.
     """
     state = peft_state(model)
     names = list(adapter_names) if adapter_names is not None else list(state.active)
@@ -81,9 +85,9 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, requa
     method = method or getattr(model, "lowbit_method", None) or "rtn"
     layers = {n: layer for n, layer in adapter_layers(model).items() if any(a in layer.adapters for a in names)}
     quantized = any(layer.is_quantized for layer in layers.values()) and requantize and dtype is None
-    calibrated = quantized and method in ("gptq", "awq") and calibration is not None
+    calibrated = quantized and calibration is not None
     report = MergeReport(names, requantized=quantized,
-                         method=(method if calibrated else ("hqq" if method == "hqq" else "rtn")) if quantized
+                         method=("gptq-grid" if calibrated else ("hqq" if method == "hqq" else "rtn")) if quantized
                          else "float")
     pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     from lowbit.progress import progress
@@ -111,7 +115,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, requa
     return report
 
 
-def _quantizer(method: str, layer: AdapterLayer) -> Any:
+def _quantizer(method: str, layer: AdapterLayer, old: Any = None) -> Any:
     """Re-quantizer for one merged layer: the better (smaller ‖deq − W'‖) of a fresh round-to-nearest
     (or HQQ) quantization and rounding onto the base's own grid (its scales and zero-points kept)."""
     from lowbit.algorithms.weight_only import weight_quantizer
@@ -120,7 +124,7 @@ def _quantizer(method: str, layer: AdapterLayer) -> Any:
     from lowbit.recipe import QuantRecipe
     from lowbit.tensor import QuantizedWeight
 
-    old = layer.base_layer.weight  # QuantizedWeight of the base before merging
+    old = old if old is not None else layer.base_layer.weight  # the base's QuantizedWeight before merging
     fresh = weight_quantizer(QuantRecipe(QuantSpec.int_(4), "rtn"))
     if method == "hqq":
         hqq = weight_quantizer(QuantRecipe(QuantSpec.int_(4, symmetric=False), "hqq"))
@@ -148,17 +152,34 @@ def _error(layer: AdapterLayer, old: torch.Tensor, exact: torch.Tensor) -> Layer
 
 def _requantize_calibrated(model: nn.Module, layers: dict[str, AdapterLayer], pending: dict[str, Any], method: str,
                            calibration: Any, tokenizer: Any, show_progress: bool) -> None:
-    """GPTQ/AWQ over the merged float layers (each with the spec its stashed QuantLinear had)."""
-    from lowbit.algorithms.ptq import quantize_calibrated
+    """Re-quantize the merged float layers on calibration data, block by block (the shared runner):
+    each layer's codes are chosen on its original grid by GPTQ's error-compensated rounding."""
+    from lowbit.algorithms.calib_data import CalibConfig, calibration_batches
+    from lowbit.algorithms.calibrate import run_layer_by_layer
+    from lowbit.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_on_grid
+    from lowbit.models.targets import float_weight, linear_dims
+    from lowbit.nn.quant_linear import QuantLinear
     from lowbit.quantize import load_tokenizer
-    from lowbit.recipe import LayerOverride, QuantRecipe
 
-    specs = {n: layers[n]._stash["module"].spec for n in pending}  # type: ignore[index]
-    first = next(iter(specs.values()))
-    overrides = tuple(LayerOverride(re.escape(f"{n}.base_layer"), s) for n, s in specs.items())
-    recipe = QuantRecipe(first, method, skip=(), include=tuple(re.escape(f"{n}.base_layer") for n in pending),
-                         overrides=overrides)
-    quantize_calibrated(model, recipe, tokenizer or load_tokenizer(model), calibration, show_progress=show_progress)
+    if isinstance(calibration, CalibConfig):
+        ids = calibration_batches(tokenizer or load_tokenizer(model), calibration)
+        calibration = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    elif isinstance(calibration, torch.Tensor):  # token ids [samples, seq_len]
+        calibration = {"input_ids": calibration, "attention_mask": torch.ones_like(calibration)}
+    n = calibration["input_ids"].shape[0]
+    batches = [{k: calibration[k][i : i + 8] for k in ("input_ids", "attention_mask")} for i in range(0, n, 8)]
+    grids = {f"{n}.base_layer": layers[n]._stash["module"].weight for n in pending}  # type: ignore[index]
+
+    def replace(job: Any) -> QuantLinear:
+        qw = gptq_on_grid(float_weight(job.module), job.stats.hessian, grids[job.name], GPTQConfig(), job.name)
+        return QuantLinear.from_weight(qw, job.module.bias)
+
+    done = run_layer_by_layer(model, batches, targets=grids, replace=replace, show_progress=show_progress,
+                              make_stats=lambda name, module: HessianAccumulator(linear_dims(module)[0]))
+    for target in set(grids) - set(done):  # outside the transformer blocks: onto the grid by rounding
+        layer = layers[target[: -len(".base_layer")]]
+        weight, bias = pending[layer.layer_name][1:]
+        set_base_weight(layer, weight, bias, _quantizer("rtn", layer, grids[target]))
 
 
 def unmerge(model: nn.Module) -> None:

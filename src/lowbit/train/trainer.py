@@ -169,6 +169,38 @@ def _collate(data: Any, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
 
 
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str = "causal_lm",
+             compute_dtype: str = "float32") -> torch.Tensor:
+    """Summed cross-entropy over the label tokens (causal LM: logits[:, :-1] predict labels[:, 1:])."""
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if task == "causal_lm":
+        # prompt tuning prepends virtual positions: the last S logits belong to the S input tokens
+        logits = logits[:, logits.shape[1] - labels.shape[1]:]
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, data: Any, *, batch_size: int = 8, task: str = "causal_lm") -> float:
+    """Token-mean loss of ``model`` on ``data`` (any model: no trainable parameters needed)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in _collate(data, torch.arange(start, min(start + batch_size,
+                                                                                      len(data)))).items()}
+        total += float(summed_loss(model, batch, task))
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if task == "causal_lm" else batch["labels"].numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: Any, eval_data: Any = None,
                  callbacks: Sequence[Any] = ()) -> None:
@@ -293,18 +325,7 @@ class Trainer:
         return int((labels != IGNORE_INDEX).sum())
 
     def _loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy over the label tokens (causal LM: logits[:, :-1] predict labels[:, 1:])."""
-        dtype = COMPUTE_DTYPES[self.config.compute_dtype]
-        device_type = batch["input_ids"].device.type
-        with torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
-        if self.config.task == "causal_lm":
-            # prompt tuning prepends virtual positions: the last S logits belong to the S input tokens
-            logits = logits[:, logits.shape[1] - labels.shape[1]:]
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return summed_loss(model, batch, self.config.task, self.config.compute_dtype)
 
     def _check_finite(self, step: int, loss: float, good_step: int) -> torch.Tensor:
         """The gradient norm; stops before the optimizer step when the loss or a gradient is NaN/Inf."""
