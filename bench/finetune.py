@@ -13,7 +13,9 @@ Configurations (``--configs``), each trained by both sides:
   *-gc      the same with gradient checkpointing (both sides: HF ``gradient_checkpointing_enable`` non-reentrant)
 Both sides: r=16, alpha=32, ``target_modules="all-linear"``, dropout 0, torch AdamW (betas 0.9/0.999, no weight
 decay) at a constant ``--lr``, gradient clipping 1.0, loss = token-mean cross-entropy of logits[:, :-1] against
-labels[:, 1:], ``--compute-dtype bfloat16`` = autocast on both sides. lowbit trains with its own
+labels[:, 1:]. The peer computes in ``--compute-dtype`` (float32 on CPU, as the issue measured it); lowbit
+has one row per ``--lowbit-dtypes`` entry (float32, plus bfloat16 autocast on CPUs with native bf16), so the
+table shows both the like-for-like ratio and the one lowbit's best setting gives. lowbit trains with its own
 :class:`lowbit.train.Trainer`; the peer with a plain loop over the same rows in the same order
 (``lowbit.train.trainer.BatchOrder`` with the same seed). The adapters start from different random A
 matrices (B = 0 on both sides), so losses agree closely but not bit for bit.
@@ -76,7 +78,7 @@ SHAPES = {
 CONFIGS = {  # name → (quantized base, gradient checkpointing)
     "lora": (False, False), "lora-gc": (False, True), "qlora": (True, False), "qlora-gc": (True, True),
 }
-SIDES = ("lowbit", "peer")
+PEER = "peer"
 TARGET_SPEED = {False: 1.3, True: 1.5}  # × peer tokens/s (LoRA, QLoRA)
 TARGET_MEMORY = 0.6  # QLoRA: × peer peak memory
 TARGET_LOSS = 2.0  # % of the peer's final loss
@@ -94,7 +96,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (CPU), 4 (CUDA)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 256 (CPU), 512 (CUDA)")
     parser.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16"),
-                        help="autocast dtype, both sides; default float32 (CPU), bfloat16 (CUDA)")
+                        help="the peer's autocast dtype; default float32 (CPU, as the issue measured), bfloat16 (CUDA)")
+    parser.add_argument("--lowbit-dtypes", nargs="+", default=None, choices=("float32", "bfloat16"),
+                        help="lowbit's compute dtypes, one row each; default float32, plus bfloat16 on CPUs with "
+                             "native bf16 (AMX / AVX512-BF16); bfloat16 on CUDA")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -118,10 +123,13 @@ def main() -> None:
     args.batch_size = args.batch_size or (4 if cuda else 8)
     args.seq_len = args.seq_len or (512 if cuda else 256)
     args.compute_dtype = args.compute_dtype or ("bfloat16" if cuda else "float32")
+    args.lowbit_dtypes = args.lowbit_dtypes or (["bfloat16"] if cuda else
+                                                ["float32"] + (["bfloat16"] if cpu_has_bf16() else []))
+    args.sides = [f"lowbit:{d}" for d in args.lowbit_dtypes] + [PEER]
     threads = args.threads or torch.get_num_threads()
     print(f"device {args.device}, {threads} threads; batch {args.batch_size} × seq {args.seq_len}, "
           f"{args.steps} steps ({args.warmup} warm-up), r{args.r} all-linear, AdamW lr {args.lr}, "
-          f"{args.compute_dtype}, data {args.data}", flush=True)
+          f"peer {args.compute_dtype}, lowbit {' and '.join(args.lowbit_dtypes)}, data {args.data}", flush=True)
     results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
                                "models": {}}
     for name in args.models:
@@ -135,28 +143,38 @@ def main() -> None:
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     source = model_source(name, Path(args.workdir))
     print(f"\n== {name}: {source}", flush=True)
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(c, s): [] for c in args.configs for s in SIDES}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(c, s): [] for c in args.configs for s in args.sides}
     for round_ in range(args.repeats):
         for config in args.configs:
-            for side in SIDES:
+            for side in args.sides:
                 done = runs[(config, side)]
                 if done and "error" in done[-1]:
                     continue  # unavailable / failed once: not retried
                 spec = worker_spec(args, name, source, config, side)
                 result = launch_worker(spec, args.timeout)
                 done.append(result)
-                print(f"  round {round_ + 1}/{args.repeats} {config:<9} {side:<6} {summary(result)}", flush=True)
-    rows = [aggregate(config, side, runs[(config, side)]) for config in args.configs for side in SIDES]
+                print(f"  round {round_ + 1}/{args.repeats} {config:<9} {side:<15} {summary(result)}", flush=True)
+    rows = [aggregate(config, side, runs[(config, side)]) for config in args.configs for side in args.sides]
     print_table(name, rows, args)
     return {"source": source, "rows": rows, "runs": {f"{c}/{s}": r for (c, s), r in runs.items()}}
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AMX or AVX512-BF16), where oneDNN runs bf16 much faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def worker_spec(args: argparse.Namespace, model: str, source: str, config: str, side: str) -> dict[str, Any]:
     quantized, checkpointing = CONFIGS[config]
-    return {"model": model, "source": source, "config": config, "side": side, "quantized": quantized,
+    who, _, dtype = side.partition(":")
+    return {"model": model, "source": source, "config": config, "side": who, "quantized": quantized,
             "gradient_checkpointing": checkpointing, "device": args.device, "steps": args.steps,
             "warmup": args.warmup, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "compute_dtype": args.compute_dtype, "r": args.r, "lora_alpha": args.lora_alpha, "lr": args.lr,
+            "compute_dtype": dtype or args.compute_dtype, "r": args.r, "lora_alpha": args.lora_alpha, "lr": args.lr,
             "data": args.data, "seed": args.seed, "threads": args.threads}
 
 
@@ -191,7 +209,7 @@ def aggregate(config: str, side: str, results: list[dict[str, Any]]) -> dict[str
     good = [r for r in results if "error" not in r]
     if not good:
         quantized, checkpointing = CONFIGS[config]
-        who = "lowbit" if side == "lowbit" else "peft+bnb" if quantized else "peft"
+        who = side if side != PEER else "peft+bnb" if quantized else "peft"
         label = f"{who} {config_label({'quantized': quantized, 'gradient_checkpointing': checkpointing})}"
         return {"config": config, "side": side, "label": label,
                 "error": results[-1]["error"] if results else "not run"}
@@ -208,7 +226,7 @@ def aggregate(config: str, side: str, results: list[dict[str, Any]]) -> dict[str
 
 def print_table(name: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     mem = "peak CUDA mem" if args.device == "cuda" else "peak RSS"
-    print(f"\n{name}: fine-tuning, batch {args.batch_size} × {args.seq_len}, {args.steps} steps, {args.compute_dtype} "
+    print(f"\n{name}: fine-tuning, batch {args.batch_size} × {args.seq_len}, {args.steps} steps, peer {args.compute_dtype} "
           f"(ratios against the peer in the same run; median of {args.repeats} round(s))")
     print(f"targets: LoRA ≥ {TARGET_SPEED[False]}× peft's tokens/s; "
           f"QLoRA ≥ {TARGET_SPEED[True]}× peft+bitsandbytes' tokens/s at ≤ {TARGET_MEMORY}× its {mem}; "
@@ -224,7 +242,7 @@ def print_table(name: str, rows: list[dict[str, Any]], args: argparse.Namespace)
         if "error" in r:
             print(f"| {name} | {label} | {r['error']} |" + " |" * (len(header) - 3))
             continue
-        peer = by_key.get((r["config"], "peer")) if r["side"] == "lowbit" else None
+        peer = by_key.get((r["config"], PEER)) if r["side"] != PEER else None
         peer = peer if peer and "error" not in peer else None
         speed = ratio(r["tokens_per_s"], peer and peer["tokens_per_s"])
         memory = ratio(r["peak_memory_bytes"], peer and peer["peak_memory_bytes"])
@@ -393,8 +411,9 @@ def probe_4bit(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def config_label(spec: dict[str, Any]) -> str:
-    kind = "QLoRA nf4-dq" if spec["quantized"] else "LoRA fp32"
-    return kind + (" +gc" if spec["gradient_checkpointing"] else "")
+    kind = "QLoRA nf4-dq" if spec["quantized"] else "LoRA"
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(spec.get("compute_dtype", "float32"), "?")
+    return f"{kind} {dtype}" + (" +gc" if spec["gradient_checkpointing"] else "")
 
 
 def train_lowbit(model: torch.nn.Module, data: Any, spec: dict[str, Any]) -> list[dict[str, float]]:

@@ -124,6 +124,8 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # like F.linear under autocast: compute in its dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.act_spec is None:
             prepared = self._prepared
             if prepared is None:

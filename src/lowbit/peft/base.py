@@ -122,6 +122,8 @@ class AdapterLayer(nn.Module):
         return self._forward_with(x, [self.adapters[n] for n in names])
 
     def _forward_with(self, x: torch.Tensor, adapters: list[LayerAdapter]) -> torch.Tensor:
+        if adapters and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # once, for the base and every adapter
         h = x
         for adapter in adapters:
             h = adapter.scale_input(h)

@@ -130,10 +130,10 @@ class LoraAdapter(LayerAdapter):
 
     def update_output(self, x: torch.Tensor, y: torch.Tensor, layer: AdapterLayer) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype
-        xd = self.dropout(x if torch.is_autocast_enabled() else x.to(dtype))
+        xd = self.dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(dtype))
         lora = self.lora_B(self.lora_A(xd))
         if not self.use_dora:
-            return y + (lora * self.scaling).to(y.dtype)
+            return torch.add(y, lora.to(y.dtype), alpha=self.scaling)
         weight = layer.base_weight(torch.float32).detach()
         norm = (weight + self.delta_weight().detach()).norm(dim=1).detach()
         mag = (self.lora_magnitude_vector / norm.to(self.lora_magnitude_vector.dtype))

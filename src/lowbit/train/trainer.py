@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import InvalidSpecError
-from lowbit.memory import current_rss, format_bytes, peak_rss
+from lowbit.memory import current_rss, format_bytes, peak_rss, release_memory, trim_heap
 from lowbit.train import checkpoint as ckpt_io
 from lowbit.train.data import IGNORE_INDEX
 from lowbit.train.distributed import DistContext, all_gather, all_reduce_sum, init_distributed, wrap_ddp
@@ -221,6 +221,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + dist.rank)
         was_training = self.model.training
         device = self._prepare_model(dist)
+        release_memory()  # what loading/quantizing freed goes back to the OS before the peak is measured
         model = wrap_ddp(self.model, dist) if dist.enabled else self.model
         optimizer = make_optimizer(list(self.named.values()), cfg)
         run = {"step": 0, "position": 0, "tokens": 0, "elapsed": 0.0, "loss": float("nan"), "eval_loss": None}
@@ -249,6 +250,8 @@ class Trainer:
                 if hasattr(cb, "after_optimizer_step"):
                     cb.after_optimizer_step(self.model, step)
             optimizer.zero_grad(set_to_none=True)
+            if step % 4 == 1:  # the step's activations were freed: keep fragmentation from raising the peak
+                trim_heap()
             run.update(step=step, loss=loss, tokens=run["tokens"] + tokens)
             run_tokens += tokens
             now = time.perf_counter()

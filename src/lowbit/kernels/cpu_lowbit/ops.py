@@ -56,6 +56,9 @@ def linear(x: torch.Tensor, prepared: CpuPrepared, bias: torch.Tensor | None = N
         forward matches the backward, which uses the dequantized weight.
     """
     p = prepared
+    if x.requires_grad and x.numel() >= 64 * p.in_features:
+        # training: one parallel dequantize into x's dtype, then one multi-threaded matmul (AMX for bf16)
+        return torch.nn.functional.linear(x, dequantize(p, x.dtype), None if bias is None else bias.to(x.dtype))
     int_max_m = 0 if x.requires_grad else p.int_max_m
     return torch.ops.lowbit_cpu.qlinear(x, p.packed, bias, p.kind, p.out_features, p.in_features, p.group_size,
                                         p.out_scale, int_max_m, p.isa)
