@@ -81,3 +81,28 @@ def minilm() -> Path:
 @pytest.fixture(scope="session")
 def eval_text() -> Path:
     return builtin_dir("tiny-lm") / "eval.txt"
+
+
+def base_model(path: Path, quantized: bool) -> torch.nn.Module:
+    """The tiny model at ``path``, in float or int4-g32 (a lowbit QuantLinear base)."""
+    import lowbit
+
+    torch.manual_seed(0)
+    model = lowbit.load(path)
+    return lowbit.quantize(model, lowbit.QuantSpec.int_(4, 32, symmetric=False)) if quantized else model
+
+
+def train_steps(model: torch.nn.Module, ids: torch.Tensor, lr: float, steps: int = 6, check=None) -> list[float]:
+    """A few AdamW steps of causal-LM loss on ``ids``; ``check(params)`` runs after each backward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if check is not None:
+            check(params)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

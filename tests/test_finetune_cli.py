@@ -114,6 +114,34 @@ def test_qlora_nf4_instructions_then_merge(tmp_path: Path, capsys: pytest.Captur
     assert abs(e["ppl"] - flt["ppl_after"]) < 1e-3
 
 
+def test_sequence_classification_on_minilm(minilm: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An encoder gets a fresh classification head (trained in full, peft's modules_to_save) and a LoRA;
+    peft's AutoPeftModelForSequenceClassification reads the result."""
+    import random
+
+    rng = random.Random(0)
+    with (tmp_path / "cls.jsonl").open("w") as f:
+        for _ in range(160):
+            label = rng.choice(["positive", "negative"])
+            words = ["good", "great", "fine", "nice"] if label == "positive" else ["bad", "awful", "poor", "sad"]
+            f.write(json.dumps({"text": f"this was {rng.choice(words)} and {rng.choice(words)}", "label": label}) + "\n")
+    out = tmp_path / "cls"
+    r = _run_json(["finetune", str(minilm), "--peft", "lora", "--data", str(tmp_path / "cls.jsonl"), "--steps", "15",
+                   "--lr", "5e-3", "--lora-r", "4", "--target-modules", "query,value", "--seq-len", "16",
+                   "--batch-size", "8", "-o", str(out), "--quiet", "--json"], capsys)
+    assert r["task"] == "classification" and r["eval_loss"] < 0.5 * r["initial_eval_loss"], r
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(str(minilm), num_labels=2)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm))
+    batch = tok(["this was great and nice", "this was awful and sad"], return_tensors="pt")
+    assert model(**batch).logits.argmax(-1).tolist() == [1, 0]  # labels sorted: negative=0, positive=1
+
+
 def test_finetune_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "b"}\n')

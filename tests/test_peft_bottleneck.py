@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lowbit
+from conftest import base_model, train_steps
 from lowbit.errors import InvalidSpecError, LowbitError
 from lowbit.peft import apply_adapter, disable_adapters, load_adapter, read_adapter_config, save_adapter
 from lowbit.peft.base import adapter_layers
@@ -105,23 +106,13 @@ def test_merge_is_refused(llama_dir):
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int4"])
 def test_trains(llama_dir, quantized):
-    torch.manual_seed(0)
-    model = lowbit.load(llama_dir)
-    if quantized:
-        model = lowbit.quantize(model, lowbit.QuantSpec.int_(4, 32, symmetric=False))
+    model = base_model(llama_dir, quantized)
     apply_adapter(model, BottleneckConfig(reduction_factor=8))
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert len(params) == 4 * 4
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    x = ids(3)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+    assert len([p for p in model.parameters() if p.requires_grad]) == 4 * 4
+
+    def check(params):
         assert all(p.grad is not None for p in params)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids(3), lr=1e-2, check=check)
     assert losses[-1] < losses[0]
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lowbit
+from conftest import base_model, train_steps
 from lowbit.errors import InvalidSpecError, LowbitError
 from lowbit.peft import apply_adapter, load_adapter, save_adapter
 from lowbit.peft.base import adapter_layers
@@ -125,23 +126,14 @@ def test_merge_and_unmerge(gpt2_dir):
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int4"])
 def test_trains(llama_dir, quantized):
-    torch.manual_seed(0)
-    model = lowbit.load(llama_dir)
-    if quantized:
-        model = lowbit.quantize(model, lowbit.QuantSpec.int_(4, 32, symmetric=False))
+    model = base_model(llama_dir, quantized)
     apply_adapter(model, IA3Config(**LLAMA))
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.shape[-1] == 1 or p.shape[0] == 1 for p in params)
-    opt = torch.optim.AdamW(params, lr=0.05)
-    ids = inputs(seed=3)["input_ids"]
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+
+    def check(params):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, inputs(seed=3)["input_ids"], lr=0.05, check=check)
     assert losses[-1] < losses[0]
 
 

@@ -25,6 +25,7 @@ LORA_CASES = [
     ("dora", dict(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], use_dora=True)),
     ("patterns", dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|o_proj)", rank_pattern={"o_proj": 2},
                       alpha_pattern={"q_proj": 3.0})),
+    ("modules-to-save", dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"])),
 ]
 
 
@@ -81,6 +82,41 @@ def test_minilm_lora_both_ways(minilm: Path, tmp_path: Path) -> None:
     mine = load_adapter(lowbit.load(minilm), tmp_path / "p")
     assert torch.allclose(mine(input_ids=tokens).last_hidden_state, pm(input_ids=tokens).last_hidden_state,
                           atol=1e-5, rtol=0)
+
+
+def test_minilm_adalora_both_ways(minilm: Path, tmp_path: Path) -> None:
+    from lowbit.peft import AdaLoraConfig
+
+    tokens = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    schedule = dict(init_r=4, target_r=2, total_step=10, target_modules=["query", "value"])
+    model = lowbit.load(minilm)
+    apply_adapter(model, AdaLoraConfig(task_type="FEATURE_EXTRACTION", **schedule))
+    _randomize(model)
+    save_adapter(model, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(_hf(minilm, encoder=True), tmp_path / "a")(input_ids=tokens)
+    assert torch.allclose(model(input_ids=tokens).last_hidden_state, theirs.last_hidden_state, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(_hf(minilm, encoder=True), peft.AdaLoraConfig(**schedule))
+    _randomize(pm)
+    pm.save_pretrained(tmp_path / "p")
+    mine = load_adapter(lowbit.load(minilm), tmp_path / "p")
+    assert torch.allclose(mine(input_ids=tokens).last_hidden_state, pm(input_ids=tokens).last_hidden_state,
+                          atol=1e-5, rtol=0)
+
+
+def test_packed_weights_stay_integer_under_dtype_casts() -> None:
+    """QLoRA: a bf16 cast (what FSDP's mixed precision does) never turns packed codes into floats."""
+    model = lowbit.load("builtin:tiny-lm")
+    lowbit.quantize(model, lowbit.QuantSpec.nf4(64, double_quant=True))
+    apply_adapter(model, LoraConfig(r=4, target_modules="all-linear"))
+    model.to(torch.bfloat16)
+    packed = [b for n, b in model.named_buffers() if n.endswith(("qdata", "scale_q"))]
+    assert packed and all(b.dtype == torch.uint8 for b in packed)
+    ids = IDS % 1000
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.logits).all()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_gpt2_conv1d_base(gpt2_dir: Path, tmp_path: Path) -> None:

@@ -39,7 +39,27 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
     recipe = as_recipe(spec_or_recipe)
     model = _quantize(model, recipe, calibration, tokenizer, device, show_progress)
     untie_quantized_head(model)
+    _own_float_tensors(model)
     return model
+
+
+def _own_float_tensors(model: nn.Module) -> None:
+    """Copy the tensors that stay float out of the checkpoint file.
+
+    ``lowbit.load`` reads safetensors zero-copy, so the embedding, norms and head still point into the
+    file's memory mapping, and keep every page of the float checkpoint resident (RSS) after the layers
+    that held most of it were quantized. Copying the few remaining tensors lets the mapping go.
+    """
+    if getattr(model, "lowbit_source", None) is None:
+        return
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = buffer.clone()
 
 
 def _quantize(model: nn.Module, recipe: QuantRecipe, calibration: "CalibConfig | None", tokenizer: Any,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,15 +86,11 @@ def _read(path: Path) -> str:
 
 
 def _jsonl_texts(path: Path, field: str) -> list[str]:
+    from lowbit.io.jsonl import iter_jsonl
+
     texts = []
-    for lineno, line in enumerate(_read(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidSpecError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or field not in record:
+    for lineno, record in iter_jsonl(path, InvalidSpecError):
+        if field not in record:
             raise InvalidSpecError(f"{path}:{lineno}: no field {field!r} (set --calib-field)")
         texts.append(str(record[field]))
     return texts

@@ -17,13 +17,13 @@ Sources (:func:`load_causal_lm_data`):
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from lowbit.io.jsonl import iter_jsonl
 from lowbit.train.errors import DataError, DataNotFoundError
 
 IGNORE_INDEX = -100
@@ -86,17 +86,7 @@ def _check_exists(path: Path) -> None:
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, record)`` for every non-blank line; bad JSON names the file and line."""
     _check_exists(path)
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+    yield from iter_jsonl(path, DataError)
 
 
 def _field(record: dict[str, Any], name: str, path: Path, line_no: int, kind: type | tuple[type, ...] = str) -> Any:
