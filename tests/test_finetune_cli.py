@@ -126,10 +126,10 @@ def test_sequence_classification_on_minilm(minilm: Path, tmp_path: Path, capsys:
             words = ["good", "great", "fine", "nice"] if label == "positive" else ["bad", "awful", "poor", "sad"]
             f.write(json.dumps({"text": f"this was {rng.choice(words)} and {rng.choice(words)}", "label": label}) + "\n")
     out = tmp_path / "cls"
-    r = _run_json(["finetune", str(minilm), "--peft", "lora", "--data", str(tmp_path / "cls.jsonl"), "--steps", "15",
-                   "--lr", "5e-3", "--lora-r", "4", "--target-modules", "query,value", "--seq-len", "16",
+    r = _run_json(["finetune", str(minilm), "--peft", "lora", "--data", str(tmp_path / "cls.jsonl"), "--steps", "30",
+                   "--lr", "1e-2", "--lora-r", "4", "--target-modules", "query,value", "--seq-len", "16",
                    "--batch-size", "8", "-o", str(out), "--quiet", "--json"], capsys)
-    assert r["task"] == "classification" and r["eval_loss"] < 0.5 * r["initial_eval_loss"], r
+    assert r["task"] == "classification" and r["eval_loss"] < 0.2 * r["initial_eval_loss"], r
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS"
     import peft

@@ -166,7 +166,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval_data:
         train, held_out = data, read(args.eval_data)
     elif args.eval_fraction > 0 and len(data) >= 2:
-        held_out, train = split_eval(data, args.eval_fraction, seed=args.seed)
+        train, held_out = split_eval(data, args.eval_fraction, seed=args.seed)
     else:
         train, held_out = data, None
     prompt_like = args.peft in ("prompt", "prefix", "ia3")

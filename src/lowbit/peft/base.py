@@ -10,6 +10,7 @@ re-quantized with the base's own spec for a quantized base (see :mod:`lowbit.pef
 
 from __future__ import annotations
 
+import abc
 import difflib
 import re
 from typing import Any, Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from lowbit.nn.quant_linear import QuantLinear
 BASE_NAME = "__base__"  # per-sample adapter name meaning "no adapter" (as in peft)
 
 
-class LayerAdapter(nn.Module):
+class LayerAdapter(nn.Module, metaclass=abc.ABCMeta):
     """One named adapter on one linear layer. Methods override what they change.
 
     ``scale_input`` runs on the base's input, ``update_output`` on its output (``y`` [..., out],
@@ -44,9 +45,9 @@ class LayerAdapter(nn.Module):
                layer: "AdapterLayer") -> tuple[torch.Tensor, torch.Tensor | None]:
         raise LowbitError(f"{type(self).__name__} adapters cannot be merged into the base weight")
 
+    @abc.abstractmethod
     def peft_state(self) -> dict[str, torch.Tensor]:
         """{key suffix as in peft's file (``lora_A.weight`` …): tensor}."""
-        raise NotImplementedError(type(self).__name__)
 
     def load_peft_state(self, state: dict[str, torch.Tensor], where: str) -> None:
         for suffix, tensor in state.items():

@@ -23,6 +23,7 @@ Prefix tuning (:mod:`lowbit.peft.prefix`) plugs into the same bank and hook.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 import math
@@ -187,7 +188,7 @@ def resolve_common(model: nn.Module, config: PromptLearningConfig, **fixed: int)
 
 
 # ---- the bank of prompt-learning encoders and the forward pre-hook -------------------------
-class PromptEncoder(nn.Module):
+class PromptEncoder(nn.Module, metaclass=abc.ABCMeta):
     """Base of a prompt-learning encoder held in the :class:`PromptBank` (one per adapter name).
 
     ``config`` is the adapter's config with the model-derived fields resolved.
@@ -201,16 +202,17 @@ class PromptEncoder(nn.Module):
     def num_virtual_tokens(self) -> int:
         return int(self.config.num_virtual_tokens)
 
+    @abc.abstractmethod
     def rewrite(self, model: nn.Module, kwargs: dict[str, Any], filled: bool) -> dict[str, Any]:
         """The forward's keyword arguments with the virtual tokens added (``filled``: the cache has them)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def peft_tensor(self) -> torch.Tensor:
         """peft's ``prompt_embeddings`` tensor."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_peft_tensor(self, tensor: torch.Tensor, where: str) -> None:
-        raise NotImplementedError
+        """Copy peft's ``prompt_embeddings`` into this encoder (shapes checked, ``where`` names the file)."""
 
 
 class PromptBank(nn.Module):
@@ -391,12 +393,13 @@ def check_shape(where: str, tensor: torch.Tensor, shape: torch.Size | tuple[int,
 
 
 # ---- the method (shared by prompt and prefix tuning) ----------------------------------------
-class PromptLearningMethod:
+class PromptLearningMethod(abc.ABC):
     """inject / state / load / remove / set_enabled for one prompt-learning method; subclasses
     build the encoder (``make``)."""
 
+    @abc.abstractmethod
     def make(self, model: nn.Module, config: Any) -> PromptEncoder:
-        raise NotImplementedError
+        """Built by each subclass."""
 
     def inject(self, model: nn.Module, config: Any, name: str) -> list[str]:
         encoder = self.make(model, config)
