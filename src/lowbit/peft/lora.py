@@ -254,7 +254,12 @@ class _LoraMethod(LayerMethod):
         """A PiSSA adapter is saved as plain LoRA of rank 2r over the original weight (see peft_state)."""
         from lowbit.peft.model import adapter_config
 
+        from lowbit.models.targets import is_conv1d
+        from lowbit.peft.base import adapter_layers
+
         config = adapter_config(model, name)
+        if any(is_conv1d(layer.base_layer) for layer in adapter_layers(model).values() if name in layer.adapters):
+            data["fan_in_fan_out"] = True  # what peft sets (and warns about) for transformers Conv1D weights
         if str(config.init_lora_weights).startswith("pissa"):
             grow = 2 ** 0.5 if config.use_rslora else 2  # keeps alpha / r (or alpha / sqrt r) unchanged
             data["r"] = 2 * config.r
