@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -16,31 +15,11 @@ from lowbit.peft.prefix import PrefixTuningConfig
 from lowbit.peft.prompt import PromptTuningConfig, virtual_tokens
 
 peft = pytest.importorskip("peft")
+from prompt_learning_support import batch, pair  # noqa: E402
 N = 3
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def batch(seed: int = 0, pad: bool = True) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 4096, (2, 6), generator=g)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    if pad:
-        mask[1, :2] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def pair(path, peft_config, config, seed: int = 1, loader=lowbit.load):
-    torch.manual_seed(seed)
-    reference = peft.get_peft_model(loader(path), peft_config).eval()
-    torch.manual_seed(seed)
-    model = apply_adapter(loader(path), config).eval()
-    return reference, model
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.mark.parametrize("projection", [False, True])
