@@ -44,3 +44,15 @@ def test_bias_all_trains_through_a_quantized_base() -> None:
     ids = torch.randint(0, 1000, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert bias.requires_grad and bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+def test_lora_trains_over_an_activation_quantized_base() -> None:
+    """LLM.int8()-style W8A8 layers (activations quantized per token) are a base like any other."""
+    model = lowbit.load("builtin:tiny-lm")
+    lowbit.quantize(model, lowbit.QuantRecipe(lowbit.QuantSpec.int_(8, None), "llm-int8"))
+    assert model.model.layers[0].self_attn.q_proj.act_spec is not None
+    apply_adapter(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(grads) == 56 and all(g is not None and g.abs().sum() > 0 for g in grads)
