@@ -28,3 +28,19 @@ def pair(path, peft_config, config, seed: int = 1, loader=lowbit.load):
     torch.manual_seed(seed)
     model = apply_adapter(loader(path), config).eval()
     return reference, model
+
+
+def assert_files_both_ways(model, ref, path, tmp_path, inputs) -> None:
+    """lowbit's saved adapter runs in peft, and peft's saved adapter runs in lowbit, with equal logits."""
+    import peft
+
+    from lowbit.peft import load_adapter
+
+    loaded = peft.PeftModel.from_pretrained(lowbit.load(path), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
+    ref.save_pretrained(tmp_path / "theirs")
+    ours = load_adapter(lowbit.load(path).eval(), tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, ref(**inputs).logits, atol=1e-5, rtol=0)
+    assert not any(p.requires_grad for p in ours.parameters())

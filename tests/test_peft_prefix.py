@@ -9,13 +9,13 @@ import torch
 
 import lowbit
 from lowbit.errors import InvalidSpecError, ShapeError, UnsupportedModelError
-from lowbit.peft import (adapter_state_dict, apply_adapter, delete_adapter, disable_adapters, load_adapter,
+from lowbit.peft import (adapter_state_dict, apply_adapter, delete_adapter, disable_adapters,
                          save_adapter)
 from lowbit.peft.prefix import PrefixTuningConfig
 from lowbit.peft.prompt import PromptTuningConfig, virtual_tokens
 
 peft = pytest.importorskip("peft")
-from prompt_learning_support import batch, pair  # noqa: E402
+from prompt_learning_support import assert_files_both_ways, batch, pair  # noqa: E402
 N = 3
 
 
@@ -87,14 +87,7 @@ def test_files_both_ways(llama_dir, tmp_path, projection):
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"prompt_embeddings": (N, 2 * 2 * 64)}
     data = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert (data["token_dim"], data["num_attention_heads"], data["inference_mode"]) == (64, 2, True)
-    loaded = peft.PeftModel.from_pretrained(lowbit.load(llama_dir), tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
-
-    ref.save_pretrained(tmp_path / "theirs")
-    ours = load_adapter(lowbit.load(llama_dir).eval(), tmp_path / "theirs")
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, ref(**inputs).logits, atol=1e-5, rtol=0)
+    assert_files_both_ways(model, ref, llama_dir, tmp_path, inputs)
     # a projected encoder that is given peft's flat prefix becomes that table (the MLP is not in files)
     if projection:
         encoder = model.lowbit_prompt_learning.encoders["default"]

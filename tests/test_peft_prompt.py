@@ -14,7 +14,7 @@ from lowbit.peft import (adapter_state_dict, apply_adapter, delete_adapter, disa
 from lowbit.peft.prompt import PromptTuningConfig, virtual_tokens
 
 peft = pytest.importorskip("peft")
-from prompt_learning_support import batch, pair  # noqa: E402
+from prompt_learning_support import assert_files_both_ways, batch, pair  # noqa: E402
 N = 3  # virtual tokens
 
 
@@ -136,15 +136,7 @@ def test_files_both_ways(llama_dir, tmp_path):
     assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == {"prompt_embeddings"}
     data = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert data["peft_type"] == "PROMPT_TUNING" and data["token_dim"] == 128 and data["num_layers"] == 2
-    loaded = peft.PeftModel.from_pretrained(lowbit.load(llama_dir), tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
-
-    ref.save_pretrained(tmp_path / "theirs")
-    ours = load_adapter(lowbit.load(llama_dir).eval(), tmp_path / "theirs")
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, ref(**inputs).logits, atol=1e-5, rtol=0)
-    assert not any(p.requires_grad for p in ours.parameters())
+    assert_files_both_ways(model, ref, llama_dir, tmp_path, inputs)
 
 
 def test_text_adapter_loads_without_its_tokenizer(llama_dir, tmp_path):

@@ -213,26 +213,22 @@ def adapter_config(model: nn.Module, name: str = "default") -> AdapterConfig:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block the model runs as its base (adapters off)."""
-    state = peft_state(model)
-    layers = list(adapter_layers(model).values())
-    saved = [m for m in model.modules() if isinstance(m, ModulesToSave)]
-    state.disabled = True
-    for layer in layers:
-        layer.disabled = True
-    for module in saved:
-        module.disabled = True
-    for name, config in state.configs.items():
-        method_for(config).set_enabled(model, name, False)
+    _set_disabled(model, True)
     try:
         yield
     finally:
-        state.disabled = False
-        for layer in layers:
-            layer.disabled = False
-        for module in saved:
-            module.disabled = False
-        for name, config in state.configs.items():
-            method_for(config).set_enabled(model, name, name in state.active)
+        _set_disabled(model, False)
+
+
+def _set_disabled(model: nn.Module, disabled: bool) -> None:
+    """Turn every adapter of the model off (``disabled``) or back to the active set."""
+    state = peft_state(model)
+    state.disabled = disabled
+    for module in model.modules():
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
+            module.disabled = disabled
+    for name, config in state.configs.items():
+        method_for(config).set_enabled(model, name, not disabled and name in state.active)
 
 
 @contextlib.contextmanager
