@@ -37,3 +37,11 @@ class OutputExistsError(LowbitError, FileExistsError):
 
 class MemoryBudgetError(LowbitError, MemoryError):
     """The work would exceed (or has exceeded) the memory cap the user set (``--max-memory``)."""
+
+
+class GGUFError(CorruptFileError):
+    """A GGUF file is malformed, truncated, hostile or uses something lowbit cannot read (names what and where)."""
+
+
+class ExportError(LowbitError):
+    """A model cannot be written in the requested external format (names the layer/field and why)."""
