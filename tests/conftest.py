@@ -106,3 +106,21 @@ def train_steps(model: torch.nn.Module, ids: torch.Tensor, lr: float, steps: int
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def require_llama_cpp():
+    """The real llama.cpp client (llama-cpp-python). Skipped locally when absent; CI (CI=true) must have it."""
+    import os
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("llama-cpp-python is not installed; `make test` installs it (see Makefile: LLAMA_CPP)")
+        pytest.skip("llama-cpp-python not installed")
+    return llama_cpp
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_module():
+    return require_llama_cpp()
