@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _common(g)
 
-    from lowbit.cli import finetune, merge
+    from lowbit.cli import export, finetune, importer, merge
 
     finetune.add_parser(sub, _common)
     merge.add_parser(sub, _common)
+    export.add_parser(sub, _common)
+    importer.add_parser(sub, _common)
 
     i = sub.add_parser("info", help="describe a model directory without loading its weights")
     i.add_argument("path")
@@ -385,8 +387,21 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.export import cmd_export as run
+
+    return run(args)
+
+
+def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.importer import cmd_import as run
+
+    return run(args)
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "generate": cmd_generate, "finetune": cmd_finetune, "merge": cmd_merge}
+            "generate": cmd_generate, "finetune": cmd_finetune, "merge": cmd_merge, "export": cmd_export,
+            "import": cmd_import}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
