@@ -18,8 +18,10 @@ def token_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = Non
 
 
 def open_llama(llama_cpp, path: Path, n_ctx: int, *, vocab_only: bool = False):
+    """llama.cpp with an F32 KV cache (its default F16 cache rounds keys/values: ~1e-3 logit noise)."""
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, n_batch=n_ctx,
-                           verbose=False, vocab_only=vocab_only, seed=0)
+                           verbose=False, vocab_only=vocab_only, seed=0, type_k=llama_cpp.GGML_TYPE_F32,
+                           type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def llama_logits(llm, window: list[int]) -> np.ndarray:
