@@ -24,15 +24,22 @@ def builtin_dir(name: str) -> Path:
 
 
 def resolve_model_dir(ref: str | Path) -> Path:
-    """Directory holding ``config.json`` for ``ref`` (a ``builtin:`` name or a path)."""
+    """Directory holding ``config.json`` for ``ref`` (a ``builtin:`` name, a directory, or a ``.gguf`` file,
+    which is imported into lowbit's cache on first use)."""
     text = str(ref)
     if text.startswith(BUILTIN_PREFIX):
         return builtin_dir(text[len(BUILTIN_PREFIX):])
     path = Path(text).expanduser()
     if not path.exists():
-        raise ModelNotFoundError(f"{path}: no such file or directory (expected a model directory or builtin:tiny-lm)")
+        raise ModelNotFoundError(f"{path}: no such file or directory (expected a model directory, a .gguf file or "
+                                 "builtin:tiny-lm)")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lowbit.io.gguf.importer import cached_import
+
+        return cached_import(path)  # validated, imported once, reused
     if not path.is_dir():
-        raise ModelNotFoundError(f"{path}: is a file; expected a model directory holding config.json and *.safetensors")
+        raise ModelNotFoundError(f"{path}: is a file; expected a model directory holding config.json and "
+                                 "*.safetensors, or a .gguf file")
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path}: no config.json found; expected a Hugging Face or lowbit model directory")
     return path
