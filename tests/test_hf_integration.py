@@ -130,14 +130,17 @@ def test_bad_quantization_config_is_a_typed_error(int4_dir: Path, tmp_path: Path
 def test_install_registers_at_once_when_the_registry_is_loaded() -> None:
     from transformers.quantizers import auto
 
-    from lowbit.io.hf_integration import install, lowbit_config_class, lowbit_quantizer_class, register
+    from lowbit.io import hf_integration
+    from lowbit.io.hf_integration import install, register
 
     auto.AUTO_QUANTIZER_MAPPING.pop("lowbit")
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop("lowbit")
-    install()
-    assert auto.AUTO_QUANTIZER_MAPPING["lowbit"] is lowbit_quantizer_class()
-    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["lowbit"] is lowbit_config_class()
-    assert register() and register()  # idempotent
+    try:
+        install()
+        assert auto.AUTO_QUANTIZER_MAPPING["lowbit"] is hf_integration.LowbitHfQuantizer
+        assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["lowbit"] is hf_integration.LowbitConfig
+    finally:
+        assert register() and register()  # idempotent; restores the registration if install() failed
 
 
 _ORDERS = {

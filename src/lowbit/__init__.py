@@ -17,6 +17,9 @@ from lowbit.quantize import quantize  # noqa: E402
 from lowbit.recipe import LayerOverride, QuantRecipe  # noqa: E402
 from lowbit.tensor import QuantizedWeight, quantize_tensor  # noqa: E402
 from lowbit.activation import quantize_llm_int8, quantize_w8a8  # noqa: E402
+from lowbit.io import hf_integration as _hf_integration  # noqa: E402
+
+_hf_integration.install()  # from_pretrained reads lowbit directories (registers when transformers loads)
 
 __all__ = [
     "ActSpec", "LayerOverride", "LowbitError", "QuantLinear", "QuantRecipe", "QuantSpec", "QuantizedWeight",

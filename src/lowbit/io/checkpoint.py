@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from lowbit.io.qconfig import QUANT_METHOD, make_quantization_config, parse_acti
 from lowbit.io.safetensors_io import open_safetensors, weight_files
 from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
 from lowbit.models.build import build_empty_model, tied_parameter_names
+from lowbit.models.key_renames import KeyRenamer
 from lowbit.models.resolve import read_json, resolve_model_dir
 from lowbit.models.targets import linear_dims, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
@@ -96,14 +97,27 @@ def _install_quant_linears(model: nn.Module, layer_specs: dict[str, Any], where:
     return names
 
 
-def map_checkpoint_key(key: str, expected: set[str], prefix: str) -> str | None:
-    """Model state-dict name for a checkpoint key (adds/strips the base-model prefix if needed)."""
-    if key in expected:
-        return key
-    if prefix and f"{prefix}.{key}" in expected:
-        return f"{prefix}.{key}"
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-        return key[len(prefix) + 1:]
+def map_checkpoint_key(key: str, expected: set[str], prefix: str,
+                       rename: Callable[[str], str] | None = None) -> str | None:
+    """Model state-dict name for a checkpoint key, or None when the model has no such tensor.
+
+    The key is taken as it is, else as ``rename`` (a :class:`lowbit.models.key_renames.KeyRenamer`:
+    transformers' load-time renames, e.g. GPT-NeoX's ``embed_out`` → ``lm_head``) makes it; either
+    form may also gain or lose the base-model prefix (``model.``, ``transformer.`` …).
+    """
+    candidates = [key]
+    if rename is not None:
+        renamed = rename(key)
+        if renamed != key:
+            candidates.append(renamed)
+    for name in candidates:
+        if name in expected:
+            return name
+    for name in candidates:
+        if prefix and f"{prefix}.{name}" in expected:
+            return f"{prefix}.{name}"
+        if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in expected:
+            return name[len(prefix) + 1:]
     return None
 
 
@@ -114,14 +128,17 @@ def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: s
     expected = model.state_dict()
     names = set(expected)
     prefix = getattr(model, "base_model_prefix", "") or ""
+    rename = KeyRenamer(model)
     state: dict[str, torch.Tensor] = {}
     deferred: dict[str, tuple[Path, str]] = {}
+    unmatched: list[str] = []
     for file in weight_files(path):
         with open_safetensors(file) as handle:
             for key in handle.keys():
-                name = map_checkpoint_key(key, names, prefix)
+                name = map_checkpoint_key(key, names, prefix, rename)
                 if name is None:
-                    continue  # e.g. legacy attention-mask buffers; not part of the model
+                    unmatched.append(key)  # e.g. legacy attention-mask buffers; not part of the model
+                    continue
                 if defer_prefix is not None and name.startswith(defer_prefix):
                     deferred[name] = (file, key)
                     continue
@@ -144,7 +161,10 @@ def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: s
                if t.is_meta and n not in deferred]
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
-        raise CorruptFileError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}")
+        converted = [c for c in map(rename.converter_for, unmatched) if c is not None]
+        hint = ("" if not converted else f" (transformers converts {', '.join(converted[:3])} on load — a tensor "
+                "reshaping lowbit does not apply; it reads tensors as stored or renamed)")
+        raise CorruptFileError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}{hint}")
     return deferred
 
 

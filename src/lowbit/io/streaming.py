@@ -23,6 +23,7 @@ from lowbit.memory import check_budget
 from lowbit.io.safetensors_io import stream_tensors, weight_files
 from lowbit.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output_dir, write_json
 from lowbit.models.build import build_empty_model
+from lowbit.models.key_renames import KeyRenamer
 from lowbit.models.resolve import read_json, resolve_model_dir
 from lowbit.models.targets import (check_target_shapes, counted_linear_names, is_conv1d, select_targets,
                                    tied_target_sources)
@@ -87,6 +88,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     params = dict(model.named_parameters())
     expected = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
+    rename = KeyRenamer(model)  # transformers' load-time key renames (GPT-NeoX embed_out → lm_head …)
     counted = set(counted_linear_names(model))
     size = SizeReport()
     stored_specs: dict[str, QuantSpec] = {}
@@ -113,7 +115,7 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
         for file in files:
             with stream_tensors(file) as (keys, get_tensor):
                 for key in progress(keys, desc=f"quantize {file.name}", enabled=show_progress, unit="tensor"):
-                    name = map_checkpoint_key(key, expected, prefix)
+                    name = map_checkpoint_key(key, expected, prefix, rename)
                     if name is None:
                         continue
                     module_name, _, attr = name.rpartition(".")

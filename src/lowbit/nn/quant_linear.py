@@ -89,8 +89,13 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> QuantizedWeight:
         """A view of the stored weight (shares this module's buffers)."""
-        return QuantizedWeight(self.spec, (self.out_features, self.in_features),
-                               {name: getattr(self, name) for name in self._tensor_names})
+        view = QuantizedWeight(self.spec, (self.out_features, self.in_features),
+                             {name: getattr(self, name) for name in self._tensor_names})
+        # transformers' weight init after from_pretrained (e.g. GPT-2's scaled init of ``c_proj.weight``,
+        # reached through the parent module) skips tensors carrying this flag; a packed weight is never
+        # re-initialized
+        view._is_hf_initialized = True  # type: ignore[attr-defined]
+        return view
 
     # ---- kernels ------------------------------------------------------------------------
     def prepare_kernel(self) -> PreparedLinear:
