@@ -199,3 +199,39 @@ def test_key_renamer_falls_back_to_transformers_4_tables(monkeypatch: pytest.Mon
     assert rename("language_model.model.layers.0.LayerNorm.gamma") == "model.language_model.layers.0.LayerNorm.weight"
     assert rename("lm_head.weight") == "lm_head.weight" and rename.converter_for("lm_head.weight") is None
     assert not key_renames.KeyRenamer(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=str)
+def test_gguf_export(arch: Arch, arch_dirs: dict[str, Path], root: Path, tmp_path: Path) -> None:
+    """Architectures the GGUF writer supports export (GPTQ int4 g32 → Q4_1 code for code) and run in llama.cpp
+    with lowbit's logits; the others are refused with the list of supported ones, nothing written."""
+    from lowbit.errors import UnsupportedModelError
+    from lowbit.io.gguf.arch import ARCHS as GGUF_ARCHS
+    from lowbit.io.gguf.writer import export_gguf
+
+    src = _float_dir(arch, arch_dirs, root)
+    out = tmp_path / "m.gguf"
+    if arch.model_class not in GGUF_ARCHS:
+        with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+            export_gguf(src, out, type="q8_0", show_progress=False)
+        assert not out.exists()
+        return
+    from lowbit.cli import main
+
+    q = tmp_path / "q"
+    assert main(["quantize", str(src), "-o", str(q), *METHODS["gptq"], "--quiet"]) == 0
+    # float embedding/head stay F32 so the file holds exactly lowbit's model
+    report = export_gguf(q, out, type="q4_1", tensor_types=["^token_embd=f32", "^output\\.=f32"], show_progress=False)
+    model = lowbit.load(q)
+    n_quant = sum(1 for m in model.modules() if hasattr(m, "spec"))
+    assert len(report.code_mapped) == n_quant
+    from conftest import require_llama_cpp
+    from gguf_support import llama_logits, open_llama
+
+    llm = open_llama(require_llama_cpp(), out, 64)
+    ids = IDS[0].tolist()
+    got = torch.from_numpy(llama_logits(llm, ids))
+    want = _logits(model, IDS[:1])[0]
+    # llama.cpp rounds activations to 8 bits (Q8_1) for Q4_1 matmuls: small noise, no systematic difference
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 0.03, rel
