@@ -33,6 +33,9 @@ def add_parser(sub: Any, common: Any) -> None:
     x.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
     x.add_argument("--no-code-map", dest="code_map", action="store_false",
                    help="re-round lowbit integer layers from their float values instead of mapping codes")
+    x.add_argument("--gptq-format", default="gptq", choices=("gptq", "gptq_v2"),
+                   help="GPTQ zero-point convention: gptq (v1, what transformers/vLLM/AutoGPTQ read; default) or "
+                        "gptq_v2 (GPTQModel's own; GPTQModel loads asymmetric models only in this one)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     common(x)
 
@@ -72,7 +75,7 @@ def _export_gptq(args: argparse.Namespace) -> dict[str, Any]:
                                "model's own quantization (quantize it with `lowbit quantize --method gptq` first)")
     start = time.perf_counter()
     model = lowbit.load(args.model)
-    out = export_gptq(model, args.out, overwrite=args.overwrite)
+    out = export_gptq(model, args.out, overwrite=args.overwrite, checkpoint_format=args.gptq_format)
     report = out if isinstance(out, dict) else {"out": str(out)}
     report.setdefault("seconds", round(time.perf_counter() - start, 3))
     if not args.json:

@@ -21,7 +21,8 @@ from lowbit.models.targets import linear_dims, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
-_SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
+               "quant_config.json"}
 
 
 def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -35,6 +36,12 @@ def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, device: str | t
     processed block by block (the calibration runner does this).
     """
     path = resolve_model_dir(ref)
+    from lowbit.io.gptq_format import is_gptq_dir
+
+    if is_gptq_dir(path):  # GPTQ-format checkpoints (AutoGPTQ, GPTQModel, lowbit export --format gptq)
+        from lowbit.io.gptq_format import load_gptq
+
+        return load_gptq(path, dtype=dtype, device=device)
     config_path = path / "config.json"
     config = read_json(config_path)
     layer_specs, method = quantized_layers(config, str(config_path))

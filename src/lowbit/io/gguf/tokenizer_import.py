@@ -83,7 +83,7 @@ def _merges(meta: dict[str, Any], where: str) -> list[tuple[str, str]]:
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], where: str) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from lowbit.io.gguf.tokenizer import regexes_for_pre
+    from lowbit.io.gguf.tokenizer_pre import regexes_for_pre
 
     vocab = {t: i for i, t in enumerate(tokens)}
     bpe = models.BPE(vocab=vocab, merges=_merges(meta, where), ignore_merges=False)

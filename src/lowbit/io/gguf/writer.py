@@ -117,7 +117,7 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, type: str = "
         writer.add_file_type(int(getattr(gguf.LlamaFileType, mixes.MIXES[mix][1])))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         extra = archmod.write_hparams(writer, table, config)
-        tok_report = add_tokenizer(writer, Path(source))
+        tok_report = add_tokenizer(writer, Path(source), vocab_size=int(model.get_input_embeddings().weight.shape[0]))
         _add_provenance(writer, model, mix, calib, plans, config)
         for name, tensor in extra:
             plans.append(TensorPlan(name, name, tuple(tensor.shape), "F32", "generated", (lambda t=tensor: t),
