@@ -114,7 +114,7 @@ def quantize(weight: Tensor, qtype: QType, importance: Tensor | None = None, nam
     from lowbit.tensor import as_2d, check_finite
 
     t = resolve_type(qtype)
-    w2d = as_2d(weight, name)
+    w2d = as_2d(weight.detach() if isinstance(weight, torch.Tensor) else weight, name)
     n, k = int(w2d.shape[0]), int(w2d.shape[1])
     nbytes = row_bytes(t, k, name)
     imp = None if importance is None or t.name in ("F32", "F16", "BF16") else _check_importance(importance, k, name)
@@ -428,7 +428,10 @@ def to_quantized_weight(qtype: QType, data: Tensor, shape: tuple[int, int]) -> "
     from lowbit.formats.spec import QuantSpec
     from lowbit.tensor import QuantizedWeight
 
-    t = resolve_type(qtype)
+    try:
+        t = resolve_type(qtype)
+    except InvalidSpecError:
+        return None  # a type lowbit does not encode: dequantize() names it
     bits = {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}.get(t.name)
     if bits is None:
         return None
