@@ -201,55 +201,62 @@ def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
 
 
 def config_from_gguf(meta: dict[str, Any], path: str) -> tuple[ArchTable, dict[str, Any]]:
-    """A Hugging Face config.json dict from a GGUF file's metadata (import)."""
+    """A Hugging Face config.json dict from a GGUF file's metadata (import); bad values → GGUFError naming the key."""
     arch = meta.get("general.architecture")
-    if arch not in IMPORT_ARCHS:
+    if not isinstance(arch, str) or arch not in IMPORT_ARCHS:
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} cannot be imported; "
                                     f"supported: {', '.join(IMPORT_ARCHS)}")
     table = IMPORT_ARCHS[arch]
 
-    def need(key: str) -> Any:
+    def integer(key: str, default: int | None = None, lo: int = 1, hi: int = 1 << 20) -> int:
         full = f"{arch}.{key}"
-        if full not in meta:
+        value = meta.get(full, default)
+        if value is None:
             raise GGUFError(f"{path}: metadata key {full} is missing")
-        value = meta[full]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise GGUFError(f"{path}: metadata key {full} should be a number, got {type(value).__name__}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise GGUFError(f"{path}: metadata key {full} should be an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise GGUFError(f"{path}: metadata key {full} = {value} is out of range [{lo}, {hi}]")
         return value
 
-    n_head = int(need("attention.head_count"))
-    hidden = int(need("embedding_length"))
-    if n_head <= 0 or hidden <= 0:
-        raise GGUFError(f"{path}: {arch}.attention.head_count / embedding_length must be positive")
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-                   or hidden // n_head)
+    def real(key: str, default: float, lo: float, hi: float) -> float:
+        full = f"{arch}.{key}"
+        value = meta.get(full, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+            raise GGUFError(f"{path}: metadata key {full} = {value!r} should be a number in [{lo}, {hi}]")
+        return float(value)
+
+    n_head = integer("attention.head_count")
+    hidden = integer("embedding_length")
+    head_dim = integer("attention.key_length", default=meta.get(f"{arch}.rope.dimension_count")
+                       if isinstance(meta.get(f"{arch}.rope.dimension_count"), int) else hidden // n_head or 1)
     config: dict[str, Any] = {
         "architectures": [table.hf_architecture],
         "model_type": table.model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": integer("feed_forward_length"),
+        "num_hidden_layers": integer("block_count", hi=4096),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv") or n_head),
+        "num_key_value_heads": integer("attention.head_count_kv", default=n_head),
         "head_dim": head_dim,
-        "max_position_embeddings": int(meta.get(f"{arch}.context_length") or 2048),
-        "rms_norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
-        "rope_theta": float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
+        "max_position_embeddings": integer("context_length", default=2048, hi=1 << 24),
+        "rms_norm_eps": real("attention.layer_norm_rms_epsilon", 1e-6, 0.0, 1.0),
+        "rope_theta": real("rope.freq_base", 10000.0, 1e-3, 1e12),
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
-                "max_position_embeddings"):
-        if not 0 < config[key] <= 1 << 20:
-            raise GGUFError(f"{path}: implausible {key}={config[key]} in the GGUF metadata")
-    if config["num_attention_heads"] % config["num_key_value_heads"]:
-        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv "
+    if n_head % config["num_key_value_heads"]:
+        raise GGUFError(f"{path}: {arch}.attention.head_count {n_head} is not a multiple of head_count_kv "
                         f"{config['num_key_value_heads']}")
+    if head_dim % 2:
+        raise GGUFError(f"{path}: head dimension {head_dim} is odd; RoPE needs an even one")
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling in ("linear", "yarn"):
-        rope: dict[str, Any] = {"rope_type": scaling, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
+        rope: dict[str, Any] = {"rope_type": scaling, "factor": real("rope.scaling.factor", 1.0, 1e-3, 1e6)}
         if scaling == "yarn":
-            rope["original_max_position_embeddings"] = int(meta.get(f"{arch}.rope.scaling.original_context_length",
-                                                                    config["max_position_embeddings"]))
+            rope["original_max_position_embeddings"] = integer("rope.scaling.original_context_length",
+                                                               default=config["max_position_embeddings"], hi=1 << 24)
         config["rope_scaling"] = rope
+    elif scaling not in (None, "none"):
+        raise UnsupportedModelError(f"{path}: {arch}.rope.scaling.type {scaling!r} cannot be imported (linear, yarn)")
     return table, config

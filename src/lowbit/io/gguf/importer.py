@@ -49,25 +49,35 @@ def import_gguf(path: str | Path, out: str | Path, *, keep_quantized: bool = Tru
     from lowbit.io.gguf.tokenizer_import import write_tokenizer
     from lowbit.io.qconfig import make_quantization_config
     from lowbit.io.writer import ShardWriter, atomic_output_dir, write_json
-    from lowbit.models.build import build_empty_model
-
+    from lowbit.models.build import tied_parameter_names
     start = time.perf_counter()
     path = Path(path)
     if dtype not in _FLOAT_DTYPES:
         raise UnsupportedModelError(f"--dtype {dtype!r}: choose one of {', '.join(_FLOAT_DTYPES)}")
     gf = read_gguf(path)
-    table, config = _config(gf.metadata, str(path))
+    derived_table, derived = archmod.config_from_gguf(gf.metadata, str(path))
+    stored = _stored_config(gf.metadata, derived_table, derived)
+    table, config = stored or (derived_table, dict(derived))
     tied = "output.weight" not in gf.tensors
     config["tie_word_embeddings"] = tied
     if "token_embd.weight" not in gf.tensors:
         raise GGUFError(f"{path}: tensor token_embd.weight is missing")
     config["vocab_size"] = int(gf.tensors["token_embd.weight"].shape[0])
     _special_ids(gf.metadata, config)
-    model = build_empty_model(config, str(path))
+    try:
+        model = _build(config, table, gf.metadata, str(path))
+    except GGUFError:
+        if stored is None:
+            raise
+        # the stored Hugging Face config (general.lowbit.hf_config) is unusable: trust the llama.cpp keys
+        table, config = derived_table, {**derived, "tie_word_embeddings": tied, "vocab_size": config["vocab_size"]}
+        _special_ids(gf.metadata, config)
+        model = _build(config, table, gf.metadata, str(path))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     n_head, n_kv, _ = archmod.head_dims(config)
     report = ImportReport(out=str(out), architecture=str(gf.metadata.get("general.architecture")), tensors=0)
     layer_specs: dict[str, Any] = {}
+    written: set[str] = set()
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp)
         for name, info in progress(list(gf.tensors.items()), desc="import", enabled=show_progress, unit="tensor"):
@@ -92,6 +102,9 @@ def import_gguf(path: str | Path, out: str | Path, *, keep_quantized: bool = Tru
             if keep_quantized and len(shape) == 2 and hf.endswith(".weight") and _is_linear(model, module):
                 kept = quants.to_quantized_weight(info.ggml_type, rows, shape)
             if kept is not None:
+                scale = kept.tensors.get("scale")
+                if scale is not None and not torch.isfinite(scale.float()).all():
+                    raise GGUFError(f"{path}: tensor {name} ({type_name}) has NaN/Inf block scales")
                 layer_specs[module] = kept.spec
                 for key, tensor in kept.tensors.items():
                     writer.add(f"{module}.{key}", tensor)
@@ -99,16 +112,30 @@ def import_gguf(path: str | Path, out: str | Path, *, keep_quantized: bool = Tru
             else:
                 flat_shape = shape if len(shape) == 2 else (1, shape[0])
                 value = quants.dequantize(rows.reshape(flat_shape[0], -1), info.ggml_type, flat_shape)
+                if not torch.isfinite(value).all():
+                    raise GGUFError(f"{path}: tensor {name} ({type_name}) decodes to NaN/Inf values")
                 writer.add(hf, value.reshape(shape).to(_FLOAT_DTYPES[dtype]).contiguous())
                 report.dequantized[type_name] = report.dequantized.get(type_name, 0) + 1
             report.tensors += 1
+            written.add(hf)
+        tied_names = set(tied_parameter_names(model))
+        missing = [k for k in expected if k not in written and k not in tied_names]
+        if missing:
+            raise GGUFError(f"{path}: the metadata describes a model with {len(missing)} tensor(s) the file lacks: "
+                            + ", ".join(archmod.gguf_name(k) or k for k in missing[:4]) + (" …" if len(missing) > 4 else ""))
         writer.finish()
         if layer_specs:
             config["quantization_config"] = make_quantization_config(
                 layer_specs, "gguf-import", {"gguf_source": {"file": path.name, "sha256_head": _head_hash(path)}})
         config["torch_dtype"] = dtype
         write_json(tmp / "config.json", config)
-        report.tokenizer = write_tokenizer(gf.metadata, tmp, str(path))
+        try:
+            report.tokenizer = write_tokenizer(gf.metadata, tmp, str(path))
+        except (GGUFError, UnsupportedModelError):
+            raise
+        except Exception as exc:  # the tokenizers library rejects inconsistent vocabularies/merges
+            raise GGUFError(f"{path}: the tokenizer metadata is inconsistent ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
@@ -129,25 +156,40 @@ def cached_import(path: str | Path) -> Path:
     return out
 
 
-def _config(meta: dict[str, Any], where: str) -> tuple[archmod.ArchTable, dict[str, Any]]:
-    table, config = archmod.config_from_gguf(meta, where)
+def _stored_config(meta: dict[str, Any], table: archmod.ArchTable, config: dict[str, Any]
+                   ) -> tuple[archmod.ArchTable, dict[str, Any]] | None:
+    """The file's own Hugging Face config when lowbit wrote one that agrees with the llama.cpp keys."""
     stored = meta.get("general.lowbit.hf_config")
-    if isinstance(stored, str):
-        try:
-            original = json.loads(stored)
-        except json.JSONDecodeError:
-            original = None
-        same = isinstance(original, dict) and all(original.get(k) == config[k] for k in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"))
-        if same and table.hf_architecture in (original.get("architectures") or []):
-            original.pop("quantization_config", None)
-            return table, original
-        if same:  # e.g. a Mistral written as llama: keep its own class
-            arch_name = (original.get("architectures") or [None])[0]
-            if arch_name in archmod.ARCHS and archmod.ARCHS[arch_name].gguf_arch == table.gguf_arch:
-                original.pop("quantization_config", None)
-                return archmod.ARCHS[arch_name], original
-    return table, config
+    if not isinstance(stored, str):
+        return None
+    try:
+        original = json.loads(stored)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    if not isinstance(original, dict) or any(original.get(k) != config[k] for k in keys):
+        return None
+    original.pop("quantization_config", None)
+    names = original.get("architectures")
+    name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+    if name == table.hf_architecture:
+        return table, original
+    if name in archmod.ARCHS and archmod.ARCHS[name].gguf_arch == table.gguf_arch:
+        return archmod.ARCHS[name], original  # e.g. a Mistral written as llama keeps its own class
+    return None
+
+
+def _build(config: dict[str, Any], table: archmod.ArchTable, meta: dict[str, Any], where: str) -> torch.nn.Module:
+    """The empty model for ``config``; a config transformers rejects is a GGUFError, not a traceback."""
+    from lowbit.models.build import build_empty_model
+
+    try:
+        return build_empty_model(config, where)
+    except GGUFError:
+        raise
+    except Exception as exc:  # transformers raises many kinds on odd values; the file is what is wrong
+        raise GGUFError(f"{where}: the metadata describes a model transformers cannot build "
+                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _special_ids(meta: dict[str, Any], config: dict[str, Any]) -> None:
