@@ -96,6 +96,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    try:
+        import sentencepiece  # noqa: F401  (convert_hf_to_gguf.py imports it before looking for tokenizer.model)
+    except ImportError:
+        sys.exit("llama.cpp's convert_hf_to_gguf.py needs `pip install sentencepiece` (its own requirement)")
     model = make_model(Path(args.model_dir))
     src = llama_source(Path(args.llama_src))
     ours_t, conv_t, quant_t = [], [], []

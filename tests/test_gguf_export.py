@@ -214,3 +214,30 @@ def test_architectures_run_in_llama_cpp(llama_cpp_module, tmp_path, windows, arc
     ref = hf(input_ids=torch.tensor([w])).logits[0].detach().numpy()
     got = llama_logits(llm, w)
     assert np.abs(ref - got).max() < 1e-4 * max(1.0, np.abs(ref).max()), np.abs(ref - got).max()
+
+
+def test_gguf_is_a_model_for_quantize_and_generate(exported, tmp_path, monkeypatch, capsys):
+    """A .gguf path is a MODEL: quantize and generate read it (imported once into the cache)."""
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["quantize", str(exported["q8_0"]), "-o", str(tmp_path / "q"), "--bits", "4", "--quiet"]) == 0
+    assert main(["generate", str(exported["q8_0"]), "--prompt", "The city", "--max-new-tokens", "4", "--no-compile",
+                 "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"]
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1  # imported once, reused
+
+
+def test_export_gptq_cli_round_trip(tmp_path, capsys):
+    """lowbit quantize --method gptq → export --format gptq → eval: the GPTQ files give the same perplexity."""
+    q = tmp_path / "q"
+    assert main(["quantize", "builtin:tiny-lm", "-o", str(q), "--method", "gptq", "--bits", "4", "--group-size", "64",
+                 "--calib-samples", "4", "--quiet"]) == 0
+    assert main(["export", str(q), "--format", "gptq", "-o", str(tmp_path / "g"), "--json", "--quiet"]) == 0
+    capsys.readouterr()
+    ppl = []
+    for d in (q, tmp_path / "g"):
+        assert main(["eval", str(d), "--ppl", "--json", "--quiet"]) == 0
+        ppl.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"])
+    assert ppl[0] == ppl[1]
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["bits"] == 4 and cfg["group_size"] == 64
