@@ -199,7 +199,9 @@ def plan_tensors(model: nn.Module, table: archmod.ArchTable, config: dict[str, A
             choice = mixes.choose_type(mix, slot, tied=tied, n_gqa=n_head // n_kv, arch=table.gguf_arch,
                                        overrides=overrides)
             overridden = choice.reason.startswith("override")
-            mapped = quants.from_quantized_weight(qw) if code_map and not overridden and mix not in ("f32",) else None
+            # a float --type asks for float weights; otherwise lowbit's codes go in as they are when a type fits
+            wants_float = mixes.MIXES[mix][0] in mixes.FLOAT_TYPES
+            mapped = quants.from_quantized_weight(qw) if code_map and not overridden and not wants_float else None
             if mapped is not None:
                 qtype = _type_name(mapped[0])
                 plans.append(TensorPlan(gname, hf, shape, qtype, f"code-mapped {qw.spec.describe()}",
