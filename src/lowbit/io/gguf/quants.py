@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 QType = Union["GGMLQuantizationType", int, str]
 Tensor = torch.Tensor
 
-CHUNK_ELEMS = 1 << 18  # weights per row chunk: ~1 MiB of float32 keeps the searches' temporaries in cache
+CHUNK_ELEMS = 1 << 21  # weights per row chunk (8 MiB of float32): big enough for both cores to share each op
 
 TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
