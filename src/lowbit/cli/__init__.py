@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
 from lowbit.errors import InvalidSpecError, LowbitError
@@ -75,27 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--act-sym", action="store_true", help="symmetric activation codes (default asymmetric)")
     _common(q)
 
-    e = sub.add_parser("eval", help="size, bits per weight, perplexity, embedding similarity")
-    e.add_argument("model", help="model directory or builtin:tiny-lm")
-    e.add_argument("--ppl", nargs="?", const="builtin", default=None, metavar="TEXTFILE",
-                   help="perplexity on TEXTFILE (no value: the built-in held-out text)")
-    e.add_argument("--seq-len", type=int, default=256, help="perplexity window in tokens (default 256)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--similarity", nargs="?", const="builtin", default=None, metavar="TEXTFILE",
-                   help="mean cosine of sentence embeddings vs --reference, one sentence per line "
-                        "(no value: lines of the built-in held-out text)")
-    e.add_argument("--reference", default=None,
-                   help="float model for --similarity (default: the model this one was quantized from)")
-    e.add_argument("--speed", action="store_true",
-                   help="generation speed: prefill a fixed 128-token prompt, then greedily decode 128 tokens "
-                        "with the compiled decode loop (one warm-up run, median of 3); reports "
-                        "prefill_tokens_per_s, decode_tokens_per_s and peak_memory_bytes (peak RSS on CPU)")
-    e.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="--speed: decode eagerly instead of through torch.compile")
-    e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    e.add_argument("--adapter", default=None, metavar="DIR",
-                   help="evaluate MODEL with this peft adapter (lowbit finetune's OUT, or one peft wrote)")
-    _common(e)
+    from lowbit.cli import eval as eval_cli
+
+    eval_cli.add_parser(sub, _common)
 
     g = sub.add_parser("generate", help="greedy text generation with the compiled decode loop",
                        description="Greedily continue --prompt with MODEL (static KV cache, compiled decode "
@@ -230,35 +211,6 @@ def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.eval.size import model_size
-    from lowbit.io.checkpoint import load
-
-    _set_threads(args.threads)
-    if args.adapter:
-        from lowbit.peft.finetune import load_with_adapter
-
-        model = load_with_adapter(args.model, args.adapter)
-    else:
-        model = load(args.model)
-    summary: dict[str, Any] = {"model": args.model, **model_size(model).to_dict()}
-    if args.adapter:
-        summary["adapter"] = str(args.adapter)
-    if args.speed:
-        summary.update(_eval_speed(model, args))
-    if args.ppl is not None:
-        summary.update(_eval_ppl(model, args))
-    if args.similarity is not None:
-        summary.update(_eval_similarity(model, args))
-    if not args.json:
-        print(f"{args.model}")
-        for key in ("params", "size_bytes", "bits_per_weight", "prefill_tokens_per_s", "decode_tokens_per_s",
-                    "peak_memory_bytes", "ppl", "tokens", "cosine", "sentences"):
-            if key in summary:
-                print(f"  {key:<16} {summary[key]}")
-    return summary
-
-
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
@@ -266,18 +218,6 @@ def _set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _eval_speed(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.eval.speed import measure_speed
-
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise LowbitError(f"{args.model}: --speed needs a causal language model (this one has no LM head)")
-    report = measure_speed(model, compile=args.compile)
-    return {"prefill_tokens_per_s": round(report.prefill_tokens_per_s, 2),
-            "decode_tokens_per_s": round(report.decode_tokens_per_s, 2),
-            "peak_memory_bytes": report.peak_memory_bytes, "speed_prompt_tokens": report.prompt_tokens,
-            "speed_new_tokens": report.new_tokens, "compiled": report.compiled, "device": report.device}
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,40 +255,6 @@ def _tokenizer(model: Any) -> Any:
         raise LowbitError(f"{source}: cannot load a tokenizer from this directory ({exc})") from None
 
 
-def _eval_ppl(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.eval.perplexity import perplexity, read_text, tokenize_text
-    from lowbit.models.resolve import builtin_dir
-
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise LowbitError(f"{args.model}: --ppl needs a causal language model; this one has no LM head "
-                          "(use --similarity for encoders)")
-    path = builtin_dir("tiny-lm") / "eval.txt" if args.ppl == "builtin" else Path(args.ppl)
-    ids = tokenize_text(_tokenizer(model), read_text(path))
-    result = perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size, show_progress=not args.quiet)
-    return {"ppl": round(result.ppl, 4), "tokens": result.tokens, "seq_len": result.seq_len, "ppl_text": str(path)}
-
-
-def _eval_similarity(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.eval.perplexity import read_text
-    from lowbit.eval.similarity import embedding_similarity
-    from lowbit.io.checkpoint import load
-    from lowbit.models.resolve import builtin_dir, read_json
-
-    reference = args.reference
-    if reference is None:
-        qcfg = read_json(Path(model.lowbit_source) / "config.json").get("quantization_config") or {}
-        reference = qcfg.get("source")
-        if reference is None:
-            raise LowbitError(f"{args.model}: --similarity needs --reference (the float model to compare with)")
-    path = builtin_dir("tiny-lm") / "eval.txt" if args.similarity == "builtin" else Path(args.similarity)
-    sentences = [line.strip() for line in read_text(path).splitlines() if len(line.strip()) > 20][:512]
-    if not sentences:
-        raise InvalidSpecError(f"{path}: no sentences (lines longer than 20 characters) to embed")
-    ref_model = load(reference)
-    cosine = embedding_similarity(model, ref_model, _tokenizer(model), sentences, show_progress=not args.quiet)
-    return {"cosine": round(cosine, 6), "sentences": len(sentences), "reference": str(reference)}
-
-
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.info import describe
 
@@ -373,6 +279,12 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(format_table(rows))
         print(f"\n{time.perf_counter() - start:.1f} s")
     return {"rows": [r.to_dict() for r in rows], "seconds": round(time.perf_counter() - start, 3)}
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.eval import cmd_eval as run
+
+    return run(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
