@@ -120,8 +120,10 @@ def quantize(weight: Tensor, qtype: QType, importance: Tensor | None = None, nam
     imp = None if importance is None or t.name in ("F32", "F16", "BF16") else _check_importance(importance, k, name)
     encode = _ENCODERS[t.name]
     out = torch.empty(n, nbytes, dtype=torch.uint8, device=w2d.device)
-    rows = max(1, CHUNK_ELEMS // k)
-    for r0 in range(0, n, rows):
+    workers = torch.get_num_threads() if w2d.device.type == "cpu" else 1
+    rows = max(1, min(CHUNK_ELEMS // k, -(-n // workers)))
+
+    def run(r0: int) -> None:
         chunk = w2d[r0:r0 + rows].float()
         if not torch.isfinite(chunk.abs().amax()):  # amax propagates NaN; cheaper than isfinite(chunk)
             check_finite(w2d, name)  # raises, counting the bad values
@@ -129,6 +131,24 @@ def quantize(weight: Tensor, qtype: QType, importance: Tensor | None = None, nam
             out[r0:r0 + rows] = encode(chunk, imp)
         except InvalidWeightError as exc:
             raise InvalidWeightError(f"{name}: {exc} ({t.name})") from None
+
+    starts = range(0, n, rows)
+    if workers == 1 or len(starts) == 1:
+        for r0 in starts:
+            run(r0)
+        return out
+    # Row chunks in parallel, each on one thread. The searches are many small ops; with torch's own
+    # OpenMP threads each op ends in a barrier, and on a busy machine the spinning threads starve the
+    # working ones (Q4_K of a 2048×5632 matrix: 70 s vs 1.4 s with two other processes running).
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for _ in pool.map(run, starts):
+                pass
+    finally:
+        torch.set_num_threads(workers)
     return out
 
 
