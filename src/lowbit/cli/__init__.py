@@ -89,12 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _common(g)
 
-    from lowbit.cli import export, finetune, importer, merge
+    from lowbit.cli import export, finetune, importer, merge, report
 
     finetune.add_parser(sub, _common)
     merge.add_parser(sub, _common)
     export.add_parser(sub, _common)
     importer.add_parser(sub, _common)
+    report.add_parser(sub, _common)
 
     i = sub.add_parser("info", help="describe a model directory without loading its weights")
     i.add_argument("path")
@@ -311,9 +312,15 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.report import cmd_report as run
+
+    return run(args)
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
             "generate": cmd_generate, "finetune": cmd_finetune, "merge": cmd_merge, "export": cmd_export,
-            "import": cmd_import}
+            "import": cmd_import, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
