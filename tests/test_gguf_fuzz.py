@@ -40,6 +40,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFEndian, GGUFReader, GGUFValueType as V, GGUFWriter
 from gguf.quants import quantize
 
+from gguf_support import overwrite  # noqa: E402
 from lowbit.errors import LowbitError
 from lowbit.io.gguf.reader import GGUFFile, read_gguf
 
@@ -50,15 +51,6 @@ CASE_SECONDS = 1.0
 CASE_BYTES = 100 * 2**20
 HANG_SECONDS = 10  # a case still running after this is interrupted and reported as a hang
 
-def overwrite(path: Path, blob: bytes) -> None:
-    """Replace a file's bytes in place (``write_bytes`` truncates to 0 first, which on ext4 flushes to disk:
-    milliseconds per call)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, blob)
-        os.ftruncate(fd, len(blob))
-    finally:
-        os.close(fd)
 
 
 BOUNDARY = [0, 1, 2, 3, 4, 7, 8, 9, 12, 13, 31, 32, 33, 63, 64, 255, 256, 0x7F, 0x80, 0xFFFF, 0x10000,

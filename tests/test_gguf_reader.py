@@ -17,18 +17,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFEndian, GGUFReader, GGUFValueType as V, GGUFWriter
 from gguf.quants import quantize
 
+from gguf_support import overwrite  # noqa: E402
 from lowbit.errors import GGUFError, ModelNotFoundError
 from lowbit.io.gguf.reader import GGUFFile, read_gguf, validate_gguf
 
-def overwrite(path: Path, blob: bytes) -> None:
-    """Replace a file's bytes in place (``write_bytes`` truncates to 0 first, which on ext4 flushes to disk:
-    milliseconds per call)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, blob)
-        os.ftruncate(fd, len(blob))
-    finally:
-        os.close(fd)
 
 
 F32 = lambda x: struct.unpack("<f", struct.pack("<f", x))[0]  # noqa: E731  what a FLOAT32 field holds

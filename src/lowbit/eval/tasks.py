@@ -18,7 +18,6 @@ the choice's length in UTF-8 bytes first (lm-eval's ``acc_norm``). Standard erro
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -79,24 +78,16 @@ def read_tasks(path: str | Path) -> list[ChoiceItem]:
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: task file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise CorruptFileError(f"{path}: not UTF-8 text ({exc})") from None
-    items = [parse_item(line, f"{path}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
+    from lowbit.io.jsonl import iter_jsonl
+
+    items = [parse_record(record, f"{path}:{number}") for number, record in iter_jsonl(path, CorruptFileError)]
     if not items:
         raise InvalidSpecError(f"{path}: no task items (expected one JSON object per line)")
     return items
 
 
-def parse_item(line: str, where: str) -> ChoiceItem:
-    """One JSONL line → :class:`ChoiceItem`; ``where`` (``file:line``) names it in errors."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise CorruptFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+def parse_record(record: dict[str, Any], where: str) -> ChoiceItem:
+    """One JSONL record → :class:`ChoiceItem`; ``where`` (``file:line``) names it in errors."""
     context = _one_of(record, CONTEXT_KEYS, where)
     answer = _one_of(record, ANSWER_KEYS, where)
     choices = record.get("choices")
