@@ -89,13 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _common(g)
 
-    from lowbit.cli import export, finetune, importer, merge, report
+    from lowbit.cli import export, finetune, importer, merge, plan, report
 
     finetune.add_parser(sub, _common)
     merge.add_parser(sub, _common)
     export.add_parser(sub, _common)
     importer.add_parser(sub, _common)
     report.add_parser(sub, _common)
+    plan.add_parser(sub, _common)
 
     i = sub.add_parser("info", help="describe a model directory without loading its weights")
     i.add_argument("path")
@@ -312,6 +313,12 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.plan import cmd_plan as run
+
+    return run(args)
+
+
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.cli.report import cmd_report as run
 
@@ -320,7 +327,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
             "generate": cmd_generate, "finetune": cmd_finetune, "merge": cmd_merge, "export": cmd_export,
-            "import": cmd_import, "report": cmd_report}
+            "import": cmd_import, "report": cmd_report, "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,180 @@
+"""Planned mixed precision (lowbit plan) vs llama.cpp's quant types on the built-in LM, on the same token windows.
+
+Rows:
+* llama.cpp's own quantizer (llama-quantize through the C API) from lowbit's F16 export, each type twice:
+  as llama.cpp writes it (the tied token embedding / output head quantized too, Q6_K for most types),
+  and with that tensor kept F16 ("emb F16") — the same embedding the lowbit models keep float, so the
+  block layers are all that differs.
+* lowbit plans at 3.0 / 3.5 / 4.0 / 4.5 bits per weight (GPTQ and RTN candidates, KL weighting),
+  quantized with their recipe.
+
+Scoring: the plans use formats GGUF has no block type for (int2/int3, groups of 64/128, nf4), so they
+cannot be written code for code; re-rounding them to GGUF types would measure llama.cpp's rounding,
+not the plan. So each side is scored by its own runtime on the *same* windows of the built-in
+held-out text: llama.cpp's files by llama.cpp's logits, lowbit's models by lowbit's forward, both
+through the same NLL sum (tests/gguf_support.py). The first two rows check the two scorers agree on the
+float model.
+
+Size: "block bpw" is bits per weight over the transformer blocks' linear layers (codes + scales +
+zero-points, from the GGUF tensor table or the plan), the quantity the plan budgets; "bytes" is the
+GGUF file, and for lowbit rows the same file with F16 embedding/norms plus the planned layers' bytes.
+
+    .venv/bin/python bench/plan.py [--methods gptq,rtn] [--targets 3.0,3.5,4.0,4.5] [--cache-dir DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import llama_cpp  # noqa: E402
+import torch  # noqa: E402
+
+from gguf_support import llama_cpp_ppl, lowbit_ppl, open_llama, token_windows  # noqa: E402
+from lowbit.algorithms.calib_data import CalibConfig  # noqa: E402
+from lowbit.eval.size import model_size  # noqa: E402
+from lowbit.eval.perplexity import read_text, tokenize_text  # noqa: E402
+from lowbit.io.checkpoint import load  # noqa: E402
+from lowbit.io.gguf.reader import read_gguf  # noqa: E402
+from lowbit.io.gguf.writer import export_gguf  # noqa: E402
+from lowbit.models.resolve import builtin_dir  # noqa: E402
+from lowbit.plan import make_plan, measure_model  # noqa: E402
+from lowbit.quantize import load_tokenizer, quantize  # noqa: E402
+
+TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+
+
+def quantize_gguf(src: Path, dst: Path, ftype: str, keep_embedding_f16: bool) -> None:
+    """llama-quantize through the C API; optionally the token embedding / output tensor stay F16."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    if keep_embedding_f16:
+        params.token_embedding_type = llama_cpp.GGML_TYPE_F16
+        params.output_tensor_type = llama_cpp.GGML_TYPE_F16
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype} failed")
+
+
+def block_bpw(path: Path) -> tuple[float, int]:
+    """(bits per weight, bytes) over the blocks' 2-D weights (blk.N.*.weight) of a GGUF file."""
+    g = read_gguf(path)
+    blocks = [t for name, t in g.tensors.items() if name.startswith("blk.") and len(t.shape) == 2]
+    nbytes = sum(t.nbytes for t in blocks)
+    return 8 * nbytes / sum(t.n_elements for t in blocks), nbytes
+
+
+def report(rows: list[dict]) -> None:
+    """The table, then each plan against llama.cpp's types of the same or larger block size."""
+    print("\n| model | block bpw | block MB | file MB | ppl |\n|---|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["block_bpw"], r["model"])):
+        print(f"| {r['model']} | {r['block_bpw']:.3f} | {r['block_bytes'] / 1e6:.3f} | {r['bytes'] / 1e6:.3f} | "
+              f"{r['ppl']:.4f} |")
+    print("\nplans vs llama.cpp types with at least as many bits per weight in the blocks (emb F16 and stock):")
+    theirs = [r for r in rows if r["model"].startswith("llama.cpp")]
+    for r in (r for r in rows if r["model"].startswith("lowbit plan")):
+        larger = sorted((t for t in theirs if t["block_bpw"] >= r["block_bpw"] - 1e-9), key=lambda t: t["block_bpw"])
+        if not larger:
+            continue
+        beaten = [t for t in larger if t["ppl"] > r["ppl"]]
+        better = [t for t in larger if t["ppl"] <= r["ppl"]]
+        nxt = larger[0]
+        line = (f"  {r['model']:26s} ppl {r['ppl']:.4f} | next larger {nxt['model']} ({nxt['block_bpw']:.3f}): "
+                f"{nxt['ppl']:.4f} ({100 * (r['ppl'] / nxt['ppl'] - 1):+.2f} %)")
+        if better:
+            first = better[0]
+            line += (f" | smallest larger type at least as good: {first['model']} ({first['block_bpw']:.3f} bpw, "
+                     f"ppl {first['ppl']:.4f}); beats {len(beaten)} of {len(larger)} larger files")
+        else:
+            line += f" | beats all {len(larger)} larger files"
+        print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=0, help="0: every full window of the held-out text")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--methods", default="gptq,rtn")
+    ap.add_argument("--targets", default="3.0,3.5,4.0,4.5")
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--cache-dir", default=None, help="keep the measurements here (reused by later runs)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--from-json", default=None, help="only print the table of an earlier --json run")
+    args = ap.parse_args()
+    if args.from_json:
+        report(json.loads(Path(args.from_json).read_text()))
+        return
+    torch.manual_seed(0)
+
+    tok = load_tokenizer(load("builtin:tiny-lm"))
+    ids = tokenize_text(tok, read_text(builtin_dir("tiny-lm") / "eval.txt"))
+    windows = token_windows(ids, args.seq_len, args.windows or None)
+    calib = CalibConfig(source="builtin", samples=args.calib_samples, seq_len=args.seq_len)
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(f"{row['model']:44s} {row['block_bpw']:6.3f} bpw {row['block_bytes'] / 1e6:7.3f} MB blocks "
+              f"{row['bytes'] / 1e6:7.3f} MB  ppl {row['ppl']:8.4f}  [{row['scorer']}]", flush=True)
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        cache_dir = Path(args.cache_dir) if args.cache_dir else root
+        f16 = root / "f16.gguf"
+        export_gguf("builtin:tiny-lm", f16, type="f16", show_progress=False)
+        bpw, nbytes = block_bpw(f16)
+        float_gguf_bytes = f16.stat().st_size - nbytes  # embedding, norms, header in F16 (the lowbit rows' float part)
+        add({"model": "F16 (lowbit export)", "block_bpw": bpw, "block_bytes": nbytes, "bytes": f16.stat().st_size,
+             "ppl": llama_cpp_ppl(open_llama(llama_cpp, f16, args.seq_len), windows), "scorer": "llama.cpp"})
+        float_model = load("builtin:tiny-lm")
+        add({"model": "float32 (lowbit)", "block_bpw": 32.0, "block_bytes": 2 * nbytes,
+             "bytes": model_size(float_model).size_bytes, "ppl": lowbit_ppl(float_model, windows), "scorer": "lowbit"})
+        cached_rows = cache_dir / f"llamacpp-{args.seq_len}-{len(windows)}.json"  # deterministic: reused by reruns
+        known = {r["model"]: r for r in json.loads(cached_rows.read_text())} if cached_rows.is_file() else {}
+        for t in args.types.split(","):
+            for keep in (False, True):
+                label = f"llama.cpp {t}{' (emb F16)' if keep else ''}"
+                if label in known:
+                    add(known[label])
+                    continue
+                out = root / f"{t}{'-embf16' if keep else ''}.gguf"
+                quantize_gguf(f16, out, t, keep)
+                bpw, nbytes = block_bpw(out)
+                add({"model": label, "block_bpw": bpw, "block_bytes": nbytes, "bytes": out.stat().st_size,
+                     "ppl": llama_cpp_ppl(open_llama(llama_cpp, out, args.seq_len), windows),
+                     "scorer": "llama.cpp", "type": t, "embedding_f16": keep})
+                out.unlink()
+                known[label] = rows[-1]
+                cached_rows.write_text(json.dumps(list(known.values()), indent=1))
+        for method in args.methods.split(","):
+            start = time.perf_counter()
+            float_model = load("builtin:tiny-lm")
+            measurement, hit = measure_model(float_model, tok, "builtin:tiny-lm", method=method, calib=calib,
+                                             cache=cache_dir / f"tiny-lm-{method}-{args.calib_samples}.measure.json")
+            print(f"# {method} measurement: {measurement.seconds:.0f} s{' (cached)' if hit else ''}; "
+                  f"additivity {measurement.extra.get('additivity')}", flush=True)
+            for target in (float(x) for x in args.targets.split(",")):
+                plan = make_plan(measurement, target_bpw=target)
+                model = quantize(load("builtin:tiny-lm"), plan.recipe, calibration=calib, tokenizer=tok)
+                s = plan.summary()
+                add({"model": f"lowbit plan {method} {target} bpw", "block_bpw": s["bits_per_weight"],
+                     "block_bytes": s["quantized_bytes"], "bytes": float_gguf_bytes + s["quantized_bytes"],
+                     "ppl": lowbit_ppl(model, windows), "scorer": "lowbit", "predicted_kl": s["predicted_error"],
+                     "spec_counts": s["spec_counts"]})
+            print(f"# {method}: {time.perf_counter() - start:.0f} s", flush=True)
+
+    report(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

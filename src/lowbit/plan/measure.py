@@ -1,0 +1,375 @@
+"""Sensitivity measurement: every quantizable layer's output error at every candidate format, and its exact size.
+
+Measured once, saved as JSON, optimised separately (exllamav2's conversion/ split): the solver
+(:mod:`lowbit.plan.solve`) never touches the model.
+
+**Error metric.** For a linear layer with weight W [N, K] and calibration inputs x (the rows its
+real block inputs present to it), GPTQ's Hessian H = 2/n · Σ xᵀx [K, K] gives the layer's output
+error in closed form:
+
+    E(Ŵ) = tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ)   = Σ_t ‖(W − Ŵ) x_t‖² / Σ_t ‖W x_t‖²
+
+the relative squared error of the layer's *output* on its real inputs (not of its weights: a
+column whose inputs are large costs more). One H per layer (inputs captured once per block by
+:func:`lowbit.algorithms.calibrate.run_layer_by_layer`, all layers of the model kept float so every
+layer sees the float model's inputs), then one K×K product per candidate; it is exact, where a
+second-order estimate through the model's loss would need the loss Hessian per layer. How a
+layer's output error becomes *model* error is the weighting's job (:mod:`lowbit.plan.sensitivity`).
+
+**Cost.** The candidate's :attr:`QuantizedWeight.nbytes` — packed codes + scales + zero-points,
+exactly what ``lowbit quantize`` stores — measured on the quantized weight itself (HQQ stores
+float16 zero-points, so its cost is not the spec's nominal one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowbit.errors import CorruptFileError, InvalidSpecError, ShapeError
+from lowbit.formats.spec import QuantSpec
+from lowbit.tensor import QuantizedWeight
+
+MEASURE_FORMAT = "lowbit-plan-measure"
+MEASURE_VERSION = 1
+PLAN_METHODS = ("rtn", "hqq", "gptq")
+
+# ~2–8 bits in steps of ~0.1–0.3 bits/weight. Scales are double-quantized (8-bit, blocks of 256, as in
+# QLoRA): on the built-in LM that makes groups of 32 cost what plain groups of 64 do (int3: 3.35 vs 3.34
+# bits/weight) at ~20 % less output error, and every plain int candidate was off every layer's
+# (size, error) hull once its -dq twin was measured. fp8 never reaches the hull either (int8-ch-sym: same
+# size, 15× less error) but is kept in rtn's list as the float alternative.
+_INT_LADDER = ("int2-g128-asym-dq", "int2-g64-asym-dq", "int2-g32-asym-dq",
+               "int3-g128-asym-dq", "int3-g64-asym-dq", "int3-g32-asym-dq",
+               "int4-g64-asym-dq", "int4-g32-asym-dq", "int5-g64-asym-dq", "int5-g32-asym-dq", "int6-g64-asym-dq")
+DEFAULT_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "rtn": _INT_LADDER + ("nf4-b64-dq", "int8-ch-sym", "fp8_e4m3-ch"),
+    "hqq": _INT_LADDER + ("int4-g128-asym-dq", "int8-ch-asym"),  # HQQ optimises zero-points: asymmetric int only
+    "gptq": _INT_LADDER + ("int4-g128-asym-dq", "int8-ch-sym"),  # GPTQ: int formats only (no nf4/fp8 path)
+}
+
+
+# ---- candidate names ----------------------------------------------------------------------
+def parse_spec_name(name: str) -> QuantSpec:
+    """The spec a :meth:`QuantSpec.describe` name stands for: ``int3-g64-asym``, ``int8-ch-sym``, ``nf4-b64``,
+    ``fp8_e4m3-ch``, ``int4-g128-asym-fz`` (float zero-points), ``…-dq`` (double-quantized scales).
+
+    Missing parts take ``lowbit quantize``'s defaults (int: g128 asym; nf4/fp4: b64; fp8: per channel).
+    """
+    text = name.strip().lower()
+    parts = text.split("-")
+    head, rest = parts[0], parts[1:]
+    kwargs: dict[str, Any] = {}
+    if head.startswith("int") and head[3:].isdigit():
+        kwargs.update(format="int", bits=int(head[3:]), symmetric=False, group_size=128, granularity="group")
+    elif head in ("nf4", "fp4"):
+        kwargs.update(format=head, granularity="group", group_size=64)
+    elif head in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        kwargs.update(format=head, granularity="channel", group_size=None, scale_dtype="float32")
+    elif head in ("fp16", "bf16") and not rest:
+        return QuantSpec(format=head)
+    else:
+        raise InvalidSpecError(f"candidate {name!r}: unknown format {head!r}; write e.g. int3-g64-asym, int8-ch-sym, "
+                               "nf4-b64, fp8_e4m3-ch")
+    for part in rest:
+        if part in ("ch", "t"):
+            kwargs.update(granularity="channel" if part == "ch" else "tensor", group_size=None)
+        elif part[:1] in ("g", "b") and part[1:].isdigit():
+            kwargs.update(granularity="group", group_size=int(part[1:]))
+        elif part in ("sym", "asym") and kwargs["format"] == "int":
+            kwargs["symmetric"] = part == "sym"
+        elif part == "fz" and kwargs["format"] == "int":
+            kwargs["zero_dtype"] = "float16"
+        elif part == "dq":
+            kwargs["double_quant"] = True
+        else:
+            raise InvalidSpecError(f"candidate {name!r}: cannot read {part!r} "
+                                   "(expected gN/bN, ch, t, sym, asym, fz, dq)")
+    return QuantSpec(**kwargs)
+
+
+def parse_candidates(text: str | list[str] | tuple[str, ...] | None, method: str) -> list[QuantSpec]:
+    """Candidate specs from comma-separated names (None: the method's default list), checked for ``method``."""
+    if method not in PLAN_METHODS:
+        raise InvalidSpecError(f"plan: method {method!r} is not supported; choose one of {', '.join(PLAN_METHODS)}")
+    if text is None:
+        names: list[str] = list(DEFAULT_CANDIDATES[method])
+    elif isinstance(text, str):
+        names = [n for n in (s.strip() for s in text.split(",")) if n]
+    else:
+        names = [str(n) for n in text]
+    specs: list[QuantSpec] = []
+    for name in names:
+        spec = parse_spec_name(name)
+        if spec not in specs:
+            specs.append(spec)
+    if not specs:
+        raise InvalidSpecError("plan: the candidate list is empty")
+    for spec in specs:
+        if method == "gptq" and (spec.format != "int" or spec.granularity == "tensor"):
+            raise InvalidSpecError(f"candidate {spec.describe()}: GPTQ quantizes int formats with per-channel or "
+                                   "per-group scales only (a recipe has one method); drop it or use --method rtn")
+        if method == "hqq" and (spec.format != "int" or spec.symmetric or spec.granularity == "tensor"):
+            raise InvalidSpecError(f"candidate {spec.describe()}: HQQ quantizes asymmetric int formats with "
+                                   "per-channel or per-group scales only; drop it or use --method rtn")
+    return specs
+
+
+# ---- the measurement record ---------------------------------------------------------------
+@dataclass
+class LayerMeasurement:
+    """One layer's error and cost at each candidate (lists indexed like ``Measurement.candidates``)."""
+
+    name: str
+    shape: tuple[int, int]                 # [out_features, in_features]
+    energy: float                          # tr(W H Wᵀ): the layer's output energy on its calibration inputs
+    rel_error: list[float | None]          # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ); None: the candidate does not fit the layer
+    nbytes: list[int | None]               # QuantizedWeight.nbytes (codes + scales + zero-points)
+    sensitivity: float = 1.0               # model error per unit of rel_error (see lowbit.plan.sensitivity)
+    reference: int | None = None           # the candidate the end-to-end check quantized this layer with
+    reference_kl: float | None = None      # the model's KL with only this layer at ``reference``
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def predicted(self, k: int) -> float | None:
+        """Predicted model error with this layer at candidate ``k`` (None: not applicable)."""
+        e = self.rel_error[k]
+        return None if e is None else self.sensitivity * e
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "energy": self.energy, "rel_error": self.rel_error,
+                "nbytes": self.nbytes, "sensitivity": self.sensitivity, "reference": self.reference,
+                "reference_kl": self.reference_kl}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerMeasurement":
+        return cls(str(d["name"]), (int(d["shape"][0]), int(d["shape"][1])), float(d["energy"]),
+                   [None if e is None else float(e) for e in d["rel_error"]],
+                   [None if b is None else int(b) for b in d["nbytes"]], float(d["sensitivity"]),
+                   d.get("reference"), d.get("reference_kl"))
+
+
+@dataclass
+class Measurement:
+    """Everything the solver needs, with the provenance that decides whether a cached copy can be reused.
+
+    ``float_bytes``: what the quantized model stores besides the target layers' weights (embeddings,
+    norms, skipped layers, biases), so a size budget covers the whole model.
+    """
+
+    provenance: dict[str, Any]
+    candidates: list[QuantSpec]
+    layers: list[LayerMeasurement]
+    float_bytes: int
+    weighting: str                         # "kl": predicted errors are KL (nats/token); "relative": Σ rel_error
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def candidate_names(self) -> list[str]:
+        return [s.describe() for s in self.candidates]
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": MEASURE_FORMAT, "version": MEASURE_VERSION, "provenance": self.provenance,
+                "candidates": [{"name": s.describe(), "spec": s.to_dict()} for s in self.candidates],
+                "float_bytes": self.float_bytes, "weighting": self.weighting, "seconds": round(self.seconds, 3),
+                "extra": self.extra, "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "measurement") -> "Measurement":
+        if not isinstance(d, dict) or d.get("format") != MEASURE_FORMAT:
+            raise CorruptFileError(f"{where}: not a lowbit plan measurement (format != {MEASURE_FORMAT!r})")
+        if d.get("version") != MEASURE_VERSION:
+            raise CorruptFileError(f"{where}: measurement version {d.get('version')!r}, expected {MEASURE_VERSION}")
+        try:
+            candidates = [QuantSpec.from_dict(c["spec"], f"{where}: candidates[{i}]")
+                          for i, c in enumerate(d["candidates"])]
+            layers = [LayerMeasurement.from_dict(x) for x in d["layers"]]
+            m = cls(dict(d["provenance"]), candidates, layers, int(d["float_bytes"]), str(d["weighting"]),
+                    float(d.get("seconds", 0.0)), dict(d.get("extra") or {}))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CorruptFileError(f"{where}: malformed measurement ({type(exc).__name__}: {exc})") from None
+        for layer in m.layers:
+            if len(layer.rel_error) != len(candidates) or len(layer.nbytes) != len(candidates):
+                raise CorruptFileError(f"{where}: layer {layer.name} has {len(layer.rel_error)} errors for "
+                                       f"{len(candidates)} candidates")
+        return m
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Measurement":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptFileError(f"{path}: cannot read measurement ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def write_text_atomic(path: Path, text: str, check: Callable[[Path], None] | None = None) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, optionally ``check`` it, rename it into place.
+
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600.
+    """
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent, suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if check is not None:
+            check(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- provenance ---------------------------------------------------------------------------
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 of config.json and the weight files' names and sizes (cheap; changes when the checkpoint does)."""
+    from lowbit.io.safetensors_io import weight_files
+
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in weight_files(model_dir):
+        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return digest.hexdigest()[:20]
+
+
+def tensor_hash(ids: torch.Tensor) -> str:
+    """sha256 of a token-id tensor: covers the calibration source, windows, seed and tokenizer at once."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:20]
+
+
+# ---- measuring ----------------------------------------------------------------------------
+def layer_quantizer(method: str, options: dict[str, Any] | None = None
+                    ) -> Callable[[torch.Tensor, torch.Tensor, QuantSpec, str], QuantizedWeight]:
+    """(weight [N, K], Hessian [K, K], spec, name) → QuantizedWeight, as ``lowbit quantize --method`` would."""
+    from lowbit.algorithms.weight_only import method_config
+    from lowbit.recipe import QuantRecipe
+
+    config = method_config(QuantRecipe(QuantSpec(), method, options=tuple(sorted((options or {}).items()))))
+    if method == "gptq":
+        from lowbit.algorithms.gptq import gptq_quantize
+
+        return lambda w, h, spec, name: gptq_quantize(w, h, spec, config, name)
+    if method == "hqq":
+        from lowbit.algorithms.hqq import hqq_quantize
+
+        return lambda w, h, spec, name: hqq_quantize(w, spec, config, name)
+    return lambda w, h, spec, name: QuantizedWeight.from_float(w, spec, name)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ) for W, Ŵ [N, K] and H [K, K] (float64 accumulation)."""
+    delta = (weight - approx).double()
+    return float(((delta @ hessian.double()) * delta).sum())
+
+
+def measure_layer(weight: torch.Tensor, hessian: torch.Tensor, candidates: list[QuantSpec],
+                  quantizer: Callable[[torch.Tensor, torch.Tensor, QuantSpec, str], QuantizedWeight], name: str,
+                  keep: Callable[[list[float | None]], int | None] | None = None
+                  ) -> tuple[LayerMeasurement, QuantizedWeight | None]:
+    """Quantize ``weight`` [N, K] at every candidate and measure output error and stored bytes.
+
+    ``keep(rel_errors)`` names the candidate whose QuantizedWeight is returned (the end-to-end check's
+    reference); it is quantized once more then, so only one quantized copy is ever alive.
+    """
+    w = weight.detach().float()
+    energy = output_error(w, torch.zeros_like(w), hessian)
+    errors: list[float | None] = []
+    sizes: list[int | None] = []
+    for spec in candidates:  # one quantized copy alive at a time
+        qw = _quantize_or_none(quantizer, w, hessian, spec, name)
+        error = None if qw is None else output_error(w, qw.dequantize(torch.float32), hessian)
+        errors.append(None if error is None else error / max(energy, 1e-30))
+        sizes.append(None if qw is None else qw.nbytes)
+        del qw
+    if all(e is None for e in errors):
+        raise ShapeError(f"{name}: no candidate format fits this layer (weight {tuple(w.shape)}); add one whose group "
+                         f"size divides {w.shape[1]}, e.g. int4-ch-asym")
+    chosen = keep(errors) if keep is not None else None
+    kept = _quantize_or_none(quantizer, w, hessian, candidates[chosen], name) if chosen is not None else None
+    return LayerMeasurement(name, (int(w.shape[0]), int(w.shape[1])), energy, errors, sizes), kept
+
+
+def _quantize_or_none(quantizer: Callable[[torch.Tensor, torch.Tensor, QuantSpec, str], QuantizedWeight],
+                      w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeight | None:
+    """The quantized weight, or None when the candidate does not fit the layer's shape."""
+    if spec.granularity == "group" and w.shape[1] % spec.group_size:
+        return None
+    try:
+        return quantizer(w, hessian, spec, name)
+    except ShapeError:
+        return None
+
+
+def measure_layers(model: nn.Module, batches: list[dict[str, torch.Tensor]], targets: list[str],
+                   candidates: list[QuantSpec], method: str, options: dict[str, Any] | None = None, *,
+                   device: str | torch.device = "cpu",
+                   keep: Callable[[list[float | None]], int | None] | None = None,
+                   show_progress: bool = False) -> tuple[dict[str, LayerMeasurement], dict[str, QuantizedWeight]]:
+    """Measure every target layer on the calibration ``batches`` with the shared layer-by-layer runner.
+
+    The runner captures each block's inputs once and feeds every target layer's inputs to a Hessian;
+    the layers are measured and left float (``replace`` hands back the same module), so each block
+    sees the float model's activations. Targets outside the block list (rare: a BERT pooler) have no
+    captured inputs and are measured in weight space (H = I).
+    Returns ({name: measurement}, {name: kept reference QuantizedWeight}).
+    """
+    from lowbit.algorithms.calibrate import LayerJob, run_layer_by_layer
+    from lowbit.algorithms.gptq import HessianAccumulator
+    from lowbit.models.targets import float_weight, linear_dims
+
+    quantizer = layer_quantizer(method, options)
+    results: dict[str, LayerMeasurement] = {}
+    kept: dict[str, QuantizedWeight] = {}
+
+    def make_stats(name: str, module: nn.Module) -> Any:
+        return HessianAccumulator(linear_dims(module)[0], device=device)
+
+    def replace(job: LayerJob) -> nn.Module:
+        layer, qw = measure_layer(float_weight(job.module), job.stats.hessian, candidates, quantizer, job.name, keep)
+        job.stats.hessian = None
+        results[job.name] = layer
+        if qw is not None:
+            kept[job.name] = qw.to("cpu")
+        return job.module
+
+    wanted = {name: None for name in targets}
+    run_layer_by_layer(model, batches, targets=wanted, make_stats=make_stats, replace=replace, device=device,
+                       sequential=False, show_progress=show_progress)
+    for name in targets:
+        if name not in results:
+            module = model.get_submodule(name)
+            w = float_weight(module).float()
+            layer, qw = measure_layer(w, torch.eye(w.shape[1]), candidates, quantizer, name, keep)
+            results[name] = layer
+            if qw is not None:
+                kept[name] = qw
+    return results, kept

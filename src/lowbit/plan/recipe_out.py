@@ -1,0 +1,90 @@
+"""Plan → recipe: the most common choice becomes the default spec, every other layer an exact-name override.
+
+The recipe is what ``lowbit quantize MODEL --recipe RECIPE.yaml`` applies; :func:`plan_recipe`
+checks that it gives every planned layer exactly its planned spec (and quantizes no other layer).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import InvalidSpecError
+from lowbit.formats.spec import QuantSpec
+from lowbit.recipe import DEFAULT_SKIP, LayerOverride, QuantRecipe
+
+
+def plan_recipe(layer_specs: dict[str, QuantSpec], method: str, options: dict[str, Any] | None = None,
+                candidates: list[QuantSpec] | None = None, skip: tuple[str, ...] = DEFAULT_SKIP) -> QuantRecipe:
+    """A recipe giving each layer (in ``layer_specs``' order) its spec.
+
+    The default is the spec most layers use (ties: the earlier candidate); the others are overrides
+    whose pattern is the layer's full name.
+    """
+    counts = Counter(layer_specs.values())
+    order = {spec: i for i, spec in enumerate(candidates or [])}
+    default = min(counts, key=lambda s: (-counts[s], order.get(s, len(order)), s.describe()))
+    overrides = tuple(LayerOverride(name, spec) for name, spec in layer_specs.items() if spec != default)
+    recipe = QuantRecipe(default=default, method=method, skip=skip, overrides=overrides,
+                         options=tuple(sorted((options or {}).items())))
+    for name, spec in layer_specs.items():
+        if recipe.spec_for(name) != spec:
+            raise InvalidSpecError(f"{name}: the recipe would give {recipe.spec_for(name)}, the plan says "
+                                   f"{spec.describe()} (a skip pattern matches this layer?)")
+    return recipe
+
+
+def check_recipe_targets(model: Any, recipe: QuantRecipe, layer_specs: dict[str, QuantSpec]) -> None:
+    """The recipe quantizes exactly the planned layers of ``model``, each with its planned spec."""
+    from lowbit.models.targets import select_targets
+
+    targets = select_targets(model, recipe)
+    if targets != layer_specs:
+        extra = sorted(set(targets) - set(layer_specs))
+        wrong = sorted(n for n in set(targets) & set(layer_specs) if targets[n] != layer_specs[n])
+        raise InvalidSpecError(f"the recipe does not reproduce the plan: extra layers {extra[:5]}, "
+                               f"missing {sorted(set(layer_specs) - set(targets))[:5]}, different specs {wrong[:5]}")
+
+
+def compact_spec(spec: QuantSpec) -> dict[str, Any]:
+    """The spec's fields that differ from QuantSpec's defaults (``format`` always): what a reader needs."""
+    default = QuantSpec().to_dict()
+    return {k: v for k, v in spec.to_dict().items() if k == "format" or v != default[k]}
+
+
+def recipe_text(recipe: QuantRecipe, path: Path, header: list[str]) -> str:
+    """The recipe as YAML (``.yaml``/``.yml``, with ``header`` as comment lines) or JSON; specs written compactly."""
+    import json
+
+    data = recipe.to_dict()
+    data["default"] = compact_spec(recipe.default)
+    data["overrides"] = [{"pattern": o.pattern, "spec": None if o.spec is None else compact_spec(o.spec)}
+                         for o in recipe.overrides]
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        comments = "".join(f"# {line}\n" for line in header)
+        return comments + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+    return json.dumps(data, indent=1) + "\n"
+
+
+def write_recipe(recipe: QuantRecipe, path: str | Path, header: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write the recipe atomically and check it reads back as the same recipe before it replaces ``path``."""
+    from lowbit.plan.measure import write_text_atomic
+
+    path = Path(path)
+
+    def check(tmp: Path) -> None:
+        if QuantRecipe.load(tmp) != recipe:
+            raise InvalidSpecError(f"{path}: the written recipe does not read back as the planned one")
+
+    write_text_atomic(path, recipe_text(recipe, path, list(header)), check)
+    return path
+
+
+def sibling(path: str | Path, suffix: str) -> Path:
+    """``plan.yaml`` + ``.pareto.json`` → ``plan.pareto.json``."""
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml", ".json") else path.name
+    return path.with_name(stem + suffix)
