@@ -35,12 +35,15 @@ def add_parser(sub: Any, common: Any) -> None:
     m.add_argument("--method", default="rtn", choices=("rtn", "hqq", "gptq"),
                    help="how each candidate is quantized, measured and later applied (default rtn)")
     m.add_argument("--candidates", default=None, metavar="LIST",
-                   help="comma-separated formats, e.g. int3-g64-asym,int4-g128-asym,nf4-b64,int8-ch-sym,fp8_e4m3-ch "
-                        "(default: int2–int6 at groups 32/64/128 asym, int8; rtn adds nf4-b64 and fp8)")
+                   help="comma-separated formats, e.g. int3-g64-asym,int4-g32-asym-dq,nf4-b64,int8-ch-sym,fp8_e4m3-ch "
+                        "(-dq: 8-bit double-quantized scales). Default: int2/int3 at groups 32/64/128, int4/int5 at "
+                        "32/64, int6 g64, all asym-dq, and int8-ch-sym; rtn adds nf4-b64-dq and fp8_e4m3-ch, "
+                        "gptq/hqq int4-g128-asym-dq")
     m.add_argument("--weighting", default="kl", choices=("kl", "relative"),
                    help="kl: calibrate each layer's error to the model's KL with one end-to-end check per layer "
                         "(default); relative: unweighted relative output errors (no model runs; a poorer predictor)")
-    m.add_argument("--kl-samples", type=int, default=8, help="calibration windows for the per-layer KL checks (8)")
+    m.add_argument("--kl-samples", type=int, default=8, metavar="N",
+                   help="calibration windows for the per-layer KL checks (default 8)")
     m.add_argument("--measure-cache", default=None, metavar="PATH",
                    help="measurement JSON to reuse/write (default: RECIPE.measure.json)")
     m.add_argument("--remeasure", action="store_true", help="measure again even when the cache matches")
@@ -80,6 +83,8 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     for path in (recipe_path, pareto_path):
         if path.exists() and not args.overwrite:
             raise OutputExistsError(f"{path}: already exists; choose another -o or pass --overwrite")
+    if all(v is None for v in (args.target_bpw, args.budget, args.max_kl, args.max_error)):
+        raise InvalidSpecError("give a size (--target-bpw or --budget) or an error bound (--max-kl / --max-error)")
     if args.max_kl is not None and args.max_error is not None:
         raise InvalidSpecError("give --max-kl or --max-error, not both")
     if args.max_kl is not None and args.weighting != "kl":

@@ -12,9 +12,12 @@ error in closed form:
 the relative squared error of the layer's *output* on its real inputs (not of its weights: a
 column whose inputs are large costs more). One H per layer (inputs captured once per block by
 :func:`lowbit.algorithms.calibrate.run_layer_by_layer`, all layers of the model kept float so every
-layer sees the float model's inputs), then one K×K product per candidate; it is exact, where a
-second-order estimate through the model's loss would need the loss Hessian per layer. How a
-layer's output error becomes *model* error is the weighting's job (:mod:`lowbit.plan.sensitivity`).
+layer sees the float model's inputs), then one product with H per candidate. It is the exact output
+error on the calibration data, not a proxy, and costs no extra forward pass; a second-order estimate
+of the *loss* would need the loss's curvature at every layer's output instead. How a layer's output
+error becomes model error is the weighting's job (:mod:`lowbit.plan.sensitivity`). GPTQ candidates
+are measured on float inputs; when applied, GPTQ runs on the already-quantized earlier blocks'
+outputs, so GPTQ plans come out somewhat worse than predicted (``--verify`` shows by how much).
 
 **Cost.** The candidate's :attr:`QuantizedWeight.nbytes` — packed codes + scales + zero-points,
 exactly what ``lowbit quantize`` stores — measured on the quantized weight itself (HQQ stores

@@ -220,6 +220,11 @@ def make_plan(measurement: Measurement, *, target_bpw: float | None = None, budg
     if not limits and max_error is None:
         raise InvalidSpecError("give a size (--target-bpw or --budget) or an error bound (--max-kl / --max-error)")
     limit = min(limits) if limits else None
+    smallest = sum(min(c for c in row if c is not None) for row in costs)  # type: ignore[type-var]
+    if limit is not None and limit < smallest:
+        raise InvalidSpecError(f"the size bound allows {8 * limit / m.numel:.3f} bits/weight over the planned layers; "
+                               f"the smallest plan (every layer at its smallest candidate) needs "
+                               f"{8 * smallest / m.numel:.3f} ({smallest} bytes)")
     target = {"target_bpw": target_bpw, "budget": budget_bytes, "max_error": max_error, "budget_bytes": limit}
     if max_error is not None:
         solution = solve_error_bound(costs, errors, max_error, max_cells=cells)
