@@ -449,8 +449,7 @@ def test_report_errors_are_clear(mixed_model, tmp_path):
 def test_report_is_registered_in_the_cli():
     from lowbit.cli import COMMANDS
 
-    if "report" not in COMMANDS:
-        pytest.skip("lowbit.cli does not register `report` yet (the lead wires src/lowbit/cli/__init__.py)")
+    assert "report" in COMMANDS and "plan" in COMMANDS
     from lowbit.cli import build_parser
 
     args = build_parser().parse_args(["report", "builtin:tiny-lm", "-o", "x.html", "--no-speed"])

@@ -54,12 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused before it starts, and the run stops with an error (nothing written) if the "
                         "resident size goes over it; calibrated methods read one block at a time")
     c = q.add_argument_group("calibration (gptq, awq, static, smoothquant)")
-    c.add_argument("--calib", default="builtin", metavar="DATA",
-                   help="text file, .jsonl, directory of texts, or saved `datasets` dataset (default: built-in corpus)")
-    c.add_argument("--calib-field", default="text", help="text field of JSONL records / dataset column")
-    c.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
-    c.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
-    c.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
+    add_calibration_args(c)
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.05)")
     c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: columns by decreasing activation energy, with static groups so no runtime "
@@ -106,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=256)
     _common(d)
     return parser
+
+
+def add_calibration_args(group: Any) -> None:
+    """The calibration-data flags every calibrated verb shares (quantize, plan)."""
+    group.add_argument("--calib", default="builtin", metavar="DATA",
+                       help="text file, .jsonl, directory of texts, or saved `datasets` dataset "
+                            "(default: built-in corpus)")
+    group.add_argument("--calib-field", default="text", help="text field of JSONL records / dataset column")
+    group.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    group.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
+    group.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -48,12 +48,9 @@ def add_parser(sub: Any, common: Any) -> None:
                    help="measurement JSON to reuse/write (default: RECIPE.measure.json)")
     m.add_argument("--remeasure", action="store_true", help="measure again even when the cache matches")
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib", default="builtin", metavar="DATA",
-                   help="text file, .jsonl, directory of texts, or saved `datasets` dataset (default: built-in corpus)")
-    c.add_argument("--calib-field", default="text", help="text field of JSONL records / dataset column")
-    c.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
-    c.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
-    c.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
+    from lowbit.cli import add_calibration_args
+
+    add_calibration_args(c)
     c.add_argument("--device", default="cpu", help="compute device (cpu, cuda …)")
     v = p.add_argument_group("verification")
     v.add_argument("--verify", action="store_true",
