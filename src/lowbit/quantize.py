@@ -9,7 +9,7 @@ from torch import nn
 from lowbit.formats.spec import QuantSpec
 from lowbit.algorithms.weight_only import weight_quantizer
 from lowbit.models.targets import (check_target_shapes, float_weight, select_targets, set_submodule,
-                                   untie_quantized_head)
+                                   share_quantized_head, untie_quantized_head)
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.progress import progress
 from lowbit.recipe import QuantRecipe, as_recipe
@@ -29,7 +29,8 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
             :class:`QuantRecipe` with a method (``rtn``, ``gptq``), skip/include patterns and per-layer
             overrides (mixed precision). ``lm_head`` is skipped by default; an output head tied to
             the input embedding is quantized only when an override names it, and is then untied
-            (the embedding stays float).
+            (the embedding stays float) or, with the recipe's ``tied_head="share"``, shared (the
+            embedding reads its rows from the quantized head: one quantized matrix).
         calibration: calibration data for data-driven methods (default: the built-in demo corpus).
         tokenizer: tokenizer for the calibration text (default: loaded from ``model.lowbit_source``).
         device: where blocks are computed during calibration.
@@ -38,7 +39,10 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
     """
     recipe = as_recipe(spec_or_recipe)
     model = _quantize(model, recipe, calibration, tokenizer, device, show_progress)
-    untie_quantized_head(model)
+    if recipe.tied_head == "share":
+        share_quantized_head(model)
+    else:
+        untie_quantized_head(model)
     _own_float_tensors(model)
     return model
 
@@ -109,9 +113,25 @@ def load_tokenizer(model: nn.Module) -> Any:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every :class:`QuantLinear` by a float ``nn.Linear`` holding its dequantized weight (in place)."""
+    """Replace every :class:`QuantLinear` by a float ``nn.Linear`` holding its dequantized weight (in place).
+
+    An embedding shared with a quantized head (:class:`~lowbit.nn.SharedQuantEmbedding`) becomes a float
+    ``nn.Embedding`` tied to the dequantized head again.
+    """
+    from lowbit.models.targets import shared_embeddings
+
+    shared = shared_embeddings(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             device = module.bias.device if module.bias is not None else getattr(module, "qdata").device
             set_submodule(model, name, module.dequantize().to(device))
+    for emb_name, head_name in shared.items():
+        old = model.get_submodule(emb_name)
+        head = model.get_submodule(head_name)
+        embedding = nn.Embedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
+                                 device=head.weight.device, dtype=head.weight.dtype)
+        embedding.weight = head.weight  # tied again, as the float model was
+        set_submodule(model, emb_name, embedding)
+        if getattr(model, "config", None) is not None:
+            model.config.tie_word_embeddings = True
     return model

@@ -21,6 +21,7 @@ STREAMING_METHODS = ("rtn", "hqq")           # calibration-free, tensor by tenso
 LAYERWISE_METHODS = ("gptq", "awq")          # block-by-block runner (blocks can be read lazily)
 ACTIVATION_METHODS = ("static", "smoothquant", "llm-int8")  # activations quantized too
 DEFAULT_SKIP = ("lm_head",)
+TIED_HEAD_MODES = ("untie", "share")  # a quantized head tied to the input embedding: float embedding kept, or shared
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -48,10 +49,16 @@ class QuantRecipe:
     include: tuple[str, ...] | None = None
     overrides: tuple[LayerOverride, ...] = field(default_factory=tuple)
     options: tuple[tuple[str, Any], ...] = ()  # method options, e.g. (("act_order", True), ("damp", 0.01))
+    # When an override quantizes an output head tied to the input embedding: "untie" keeps the embedding
+    # float beside the quantized head; "share" makes the embedding read its rows from the quantized head
+    # (one quantized matrix, as llama.cpp stores a tied token_embd) — see lowbit.nn.SharedQuantEmbedding.
+    tied_head: str = "untie"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidSpecError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        if self.tied_head not in TIED_HEAD_MODES:
+            raise InvalidSpecError(f"tied_head {self.tied_head!r}: choose one of {', '.join(TIED_HEAD_MODES)}")
         if isinstance(self.options, dict):
             object.__setattr__(self, "options", tuple(sorted(self.options.items())))
         for pattern in (*self.skip, *(self.include or ()), *(o.pattern for o in self.overrides)):
@@ -84,6 +91,7 @@ class QuantRecipe:
             "overrides": [{"pattern": o.pattern, "spec": None if o.spec is None else o.spec.to_dict()}
                           for o in self.overrides],
             "options": dict(self.options),
+            **({"tied_head": self.tied_head} if self.tied_head != "untie" else {}),
         }
 
     @property
@@ -92,7 +100,7 @@ class QuantRecipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "QuantRecipe":
-        allowed = {"method", "default", "skip", "include", "overrides", "options"}
+        allowed = {"method", "default", "skip", "include", "overrides", "options", "tied_head"}
         if not isinstance(data, dict):
             raise InvalidSpecError(f"{where}: expected an object")
         unknown = sorted(set(data) - allowed)
@@ -115,6 +123,7 @@ class QuantRecipe:
             include=None if include is None else tuple(include),
             overrides=tuple(overrides),
             options=tuple(sorted((data.get("options") or {}).items())),
+            tied_head=str(data.get("tied_head", "untie")),
         )
 
     @classmethod

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS",
                    help="mixed precision: matching layers use BITS instead (repeatable, int format); "
                         "lm_head=8 quantizes the output head too (untied from the embedding where tied)")
+    q.add_argument("--tied-head", choices=("untie", "share"), default=None,
+                   help="when the quantized lm_head is tied to the input embedding: 'untie' (default) keeps a "
+                        "float embedding beside it; 'share' makes the embedding read its rows from the quantized "
+                        "head, so the matrix is stored once, quantized (as llama.cpp stores token_embd)")
     q.add_argument("--recipe", default=None, help="JSON/YAML recipe (default spec, skip, include, overrides)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     q.add_argument("--max-memory", default=None, metavar="SIZE",
@@ -161,11 +165,17 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
         if any(v is not None for v in spec_flags) or args.double_quant or args.layer_bits:
             raise InvalidSpecError("--recipe gives the spec; do not combine it with --format/--bits/--group-size/"
                                    "--sym/--asym/--double-quant/--scale-dtype/--layer-bits")
+        import dataclasses
+
         recipe = QuantRecipe.load(args.recipe)
-        if args.skip or args.include:
-            recipe = QuantRecipe(recipe.default, recipe.method, tuple(args.skip or recipe.skip),
-                                 tuple(args.include) if args.include else recipe.include, recipe.overrides)
-        return recipe
+        changes: dict[str, Any] = {}
+        if args.skip:
+            changes["skip"] = tuple(args.skip)
+        if args.include:
+            changes["include"] = tuple(args.include)
+        if getattr(args, "tied_head", None):
+            changes["tied_head"] = args.tied_head
+        return dataclasses.replace(recipe, **changes) if changes else recipe  # method options and the rest kept
     activation_method = args.method in ("static", "smoothquant", "llm-int8")
     if activation_method and all(v is None for v in (args.format, args.bits, args.group_size, args.symmetric)):
         args.bits, args.group_size, args.symmetric = 8, 0, True  # W8A8: int8 per-channel symmetric weights
@@ -194,7 +204,8 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
         overrides.append(LayerOverride(pattern, default.replace(bits=int(bits))))
     options = method_options_from_args(args)
     return QuantRecipe(default, args.method, tuple(args.skip) if args.skip else DEFAULT_SKIP,
-                       tuple(args.include) if args.include else None, tuple(overrides), options)
+                       tuple(args.include) if args.include else None, tuple(overrides), options,
+                       tied_head=getattr(args, "tied_head", None) or "untie")
 
 
 def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def load(ref: str | Path, *, dtype: torch.dtype = torch.float32, device: str | t
     act_specs = parse_activation_config(config.get("quantization_config") or {}, str(config_path), layer_specs)
     model = build_empty_model(config, str(config_path))
     quantized_buffers = _install_quant_linears(model, layer_specs, str(config_path), act_specs)
+    _install_shared_embeddings(model, config.get("quantization_config") or {}, layer_specs, str(config_path), dtype)
     if lazy_blocks:
         from lowbit.algorithms.calibrate import find_blocks
         from lowbit.io.lazy import LazyBlocks
@@ -102,6 +103,30 @@ def _install_quant_linears(model: nn.Module, layer_specs: dict[str, Any], where:
         set_submodule(model, name, qlinear)
         names.update(f"{name}.{t}" for t in layout)
     return names
+
+
+def _install_shared_embeddings(model: nn.Module, qcfg: dict[str, Any], layer_specs: dict[str, Any], where: str,
+                               dtype: torch.dtype) -> None:
+    """Rebuild ``quantization_config.shared_embeddings`` ({embedding: quantized head}): embeddings that read
+    their rows from a quantized head (the recipe option ``tied_head: share``)."""
+    from lowbit.nn.quant_embedding import SharedQuantEmbedding
+
+    shared = qcfg.get("shared_embeddings") or {}
+    if not isinstance(shared, dict):
+        raise CorruptFileError(f"{where}: quantization_config.shared_embeddings must be an object")
+    for emb_name, head_name in shared.items():
+        if head_name not in layer_specs:
+            raise CorruptFileError(f"{where}: quantization_config.shared_embeddings maps {emb_name} to {head_name!r}, "
+                                   "which is not a quantized module")
+        try:
+            old = model.get_submodule(emb_name)
+        except AttributeError:
+            raise CorruptFileError(f"{where}: shared embedding {emb_name} does not exist in the model") from None
+        head = model.get_submodule(head_name)
+        if getattr(old, "embedding_dim", head.in_features) != head.in_features:
+            raise CorruptFileError(f"{where}: embedding {emb_name} has dimension {old.embedding_dim}, its shared head "
+                                   f"{head_name} has {head.in_features} input features")
+        set_submodule(model, emb_name, SharedQuantEmbedding(head, getattr(old, "padding_idx", None), dtype))
 
 
 def map_checkpoint_key(key: str, expected: set[str], prefix: str,
@@ -194,6 +219,11 @@ def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, source_d
     layer_specs = {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     act_specs = {name: m.act_spec for name, m in model.named_modules()
                  if isinstance(m, QuantLinear) and m.act_spec is not None}
+    from lowbit.models.targets import shared_embeddings
+
+    shared = shared_embeddings(model)
+    if shared:
+        extra_config = {**(extra_config or {}), "shared_embeddings": shared}
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         state = model.state_dict()

@@ -143,10 +143,15 @@ def _classes() -> tuple[type, type]:
                 raise UnsupportedModelError("lowbit models cannot be offloaded to disk (device_map has 'disk')")
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-            from lowbit.io.checkpoint import _install_quant_linears
+            import torch
+
+            from lowbit.io.checkpoint import _install_quant_linears, _install_shared_embeddings
 
             specs, act_specs = self.quantization_config.layer_specs()
-            _install_quant_linears(model, specs, "config.json quantization_config", act_specs)
+            where = "config.json quantization_config"
+            _install_quant_linears(model, specs, where, act_specs)
+            _install_shared_embeddings(model, self.quantization_config.to_dict(), specs, where,
+                                       getattr(model, "dtype", None) or torch.float32)
             return model
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

@@ -97,6 +97,9 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     untied: dict[str, list[str]] = {}  # source parameter → tied target layers quantized from it
     for head, source in tied_target_sources(model, targets).items():
         untied.setdefault(source, []).append(head)
+    shared: dict[str, str] = {}  # tied_head: share → {embedding module: head module}; the embedding is not stored
+    if recipe.tied_head == "share":
+        shared = {source.rpartition(".")[0]: head for head, source in tied_target_sources(model, targets).items()}
 
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -123,6 +126,8 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
                     tensor = get_tensor(key)
                     if module_name in targets and attr == "weight":
                         quantize_into(module_name, tensor)
+                    elif module_name in shared and attr == "weight":
+                        check_finite(tensor, name)  # read by the shared head below, stored only as the head
                     else:
                         check_finite(tensor, name)
                         writer.add(name, tensor)
@@ -139,7 +144,8 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
         if untied:
             config["tie_word_embeddings"] = False  # the head now has its own (quantized) weight
         config.pop("quantization_config", None)
-        config["quantization_config"] = make_quantization_config(stored_specs, recipe.method, {"source": str(source)})
+        extra: dict[str, Any] = {"source": str(source), **({"shared_embeddings": shared} if shared else {})}
+        config["quantization_config"] = make_quantization_config(stored_specs, recipe.method, extra)
         write_json(tmp / "config.json", config)
         copy_aux_files(src, tmp)
     return QuantizeResult(Path(out), len(stored_specs), size, time.perf_counter() - start, stored_specs)

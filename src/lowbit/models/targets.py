@@ -94,6 +94,39 @@ def untie_quantized_head(model: nn.Module) -> bool:
     return True
 
 
+def share_quantized_head(model: nn.Module) -> dict[str, str]:
+    """Make the input embedding read its rows from the (tied) output head once that head is quantized.
+
+    The recipe option ``tied_head: share``: the model then stores the matrix once, quantized (as
+    llama.cpp stores a tied ``token_embd``), instead of a float embedding beside a quantized head.
+    Returns {embedding module name: head module name} (empty when the model has no quantized tied head).
+    """
+    from lowbit.nn.quant_embedding import SharedQuantEmbedding
+
+    config = getattr(model, "config", None)
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    if config is None or get_out is None or get_in is None or not getattr(config, "tie_word_embeddings", False):
+        return {}
+    head, embedding = get_out(), get_in()
+    if not isinstance(head, QuantLinear) or isinstance(embedding, SharedQuantEmbedding):
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    emb_name, head_name = names[id(embedding)], names[id(head)]
+    dtype = embedding.weight.dtype if isinstance(getattr(embedding, "weight", None), torch.Tensor) else torch.float32
+    set_submodule(model, emb_name, SharedQuantEmbedding(head, getattr(embedding, "padding_idx", None), dtype))
+    config.tie_word_embeddings = False  # nothing for transformers to re-tie: the embedding has no weight of its own
+    return {emb_name: head_name}
+
+
+def shared_embeddings(model: nn.Module) -> dict[str, str]:
+    """{embedding module name: head module name} of the model's :class:`SharedQuantEmbedding` modules."""
+    from lowbit.nn.quant_embedding import SharedQuantEmbedding
+
+    names = {id(m): n for n, m in model.named_modules()}
+    return {name: names[id(m.head)] for name, m in model.named_modules()
+            if isinstance(m, SharedQuantEmbedding) and id(m.head) in names}
+
+
 def counted_linear_names(model: nn.Module) -> list[str]:
     """Linear layers counted in ``bits_per_weight``: every linear layer except the output head."""
     head = output_head_name(model)

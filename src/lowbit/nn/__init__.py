@@ -1,3 +1,4 @@
+from lowbit.nn.quant_embedding import SharedQuantEmbedding
 from lowbit.nn.quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "SharedQuantEmbedding"]

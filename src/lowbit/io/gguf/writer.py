@@ -159,14 +159,17 @@ def plan_tensors(model: nn.Module, table: archmod.ArchTable, config: dict[str, A
                  overrides: list, code_map: bool) -> list[TensorPlan]:
     """Name, type and source of every tensor llama.cpp's graph needs, in file order."""
     from lowbit.io.gguf import quants
+    from lowbit.nn.quant_embedding import SharedQuantEmbedding
     from lowbit.nn.quant_linear import QuantLinear
 
     n_layers = int(config["num_hidden_layers"])
     n_head, n_kv, _ = archmod.head_dims(config)
-    tied = _is_tied(model)
     modules = dict(model.named_modules())
+    # an embedding that reads the quantized head (tied_head: share) is written once, as token_embd (tied)
+    shared = {name: m for name, m in modules.items() if isinstance(m, SharedQuantEmbedding)}
+    tied = bool(shared) or _is_tied(model)
     plans: list[TensorPlan] = []
-    sources: list[tuple[str, Any]] = []
+    sources: list[tuple[str, Any]] = [(f"{name}.weight", m.head) for name, m in shared.items()]
     for name, module in modules.items():
         if isinstance(module, QuantLinear):
             sources.append((f"{name}.weight", module))
@@ -328,7 +331,7 @@ def _head_name(model: nn.Module) -> str | None:
 def _is_tied(model: nn.Module) -> bool:
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if inp is None or out is None:
+    if inp is None or out is None or not isinstance(getattr(inp, "weight", None), nn.Parameter):
         return False
     w_out = getattr(out, "weight", None)
     return isinstance(w_out, torch.Tensor) and w_out is inp.weight or (
