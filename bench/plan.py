@@ -6,7 +6,9 @@ Rows:
   and with that tensor kept F16 ("emb F16") — the same embedding the lowbit models keep float, so the
   block layers are all that differs.
 * lowbit plans at 3.0 / 3.5 / 4.0 / 4.5 bits per weight (GPTQ and RTN candidates, KL weighting),
-  quantized with their recipe.
+  quantized with their recipe. The plans cover the tied token embedding / output head too (quantized
+  once and shared, ``tied_head: share``), as llama.cpp's types quantize token_embd; the bits per
+  weight are over the blocks' linear layers and that matrix.
 
 Scoring: the plans use formats GGUF has no block type for (int2/int3, groups of 64/128, nf4), so they
 cannot be written code for code; re-rounding them to GGUF types would measure llama.cpp's rounding,
@@ -16,8 +18,10 @@ through the same NLL sum (tests/gguf_support.py). The first two rows check the t
 float model.
 
 Size: "block bpw" is bits per weight over the transformer blocks' linear layers (codes + scales +
-zero-points, from the GGUF tensor table or the plan), the quantity the plan budgets; "bytes" is the
-GGUF file, and for lowbit rows the same file with F16 embedding/norms plus the planned layers' bytes.
+zero-points, from the GGUF tensor table); "bytes" is the whole GGUF file, and for lowbit rows the
+size of the same file holding the plan's tensors: the F16 export's header, tokenizer and norms plus
+the planned bytes (blocks and the shared embedding/head). Plans are compared with llama.cpp's types
+of the same or the next larger file.
 
     .venv/bin/python bench/plan.py [--methods gptq,rtn] [--targets 3.0,3.5,4.0,4.5] [--cache-dir DIR] [--json out.json]
 """
@@ -63,6 +67,12 @@ def quantize_gguf(src: Path, dst: Path, ftype: str, keep_embedding_f16: bool) ->
         raise RuntimeError(f"llama_model_quantize {ftype} failed")
 
 
+def embedding_bytes(path: Path) -> int:
+    """Bytes of the token embedding (tied: also the output head) and of a separate output head."""
+    g = read_gguf(path)
+    return sum(t.nbytes for name, t in g.tensors.items() if name in ("token_embd.weight", "output.weight"))
+
+
 def block_bpw(path: Path) -> tuple[float, int]:
     """(bits per weight, bytes) over the blocks' 2-D weights (blk.N.*.weight) of a GGUF file."""
     g = read_gguf(path)
@@ -77,24 +87,17 @@ def report(rows: list[dict]) -> None:
     for r in sorted(rows, key=lambda r: (r["block_bpw"], r["model"])):
         print(f"| {r['model']} | {r['block_bpw']:.3f} | {r['block_bytes'] / 1e6:.3f} | {r['bytes'] / 1e6:.3f} | "
               f"{r['ppl']:.4f} |")
-    print("\nplans vs llama.cpp types with at least as many bits per weight in the blocks (emb F16 and stock):")
-    theirs = [r for r in rows if r["model"].startswith("llama.cpp")]
+    print("\nplans vs llama.cpp's types (stock: token_embd quantized as llama.cpp chooses) by whole-file size:")
+    theirs = [r for r in rows if r["model"].startswith("llama.cpp") and not r.get("embedding_f16")]
     for r in (r for r in rows if r["model"].startswith("lowbit plan")):
-        larger = sorted((t for t in theirs if t["block_bpw"] >= r["block_bpw"] - 1e-9), key=lambda t: t["block_bpw"])
+        larger = sorted((t for t in theirs if t["bytes"] >= r["bytes"]), key=lambda t: t["bytes"])
         if not larger:
+            print(f"  {r['model']:26s} ppl {r['ppl']:.4f}: no llama.cpp type is as large ({r['bytes'] / 1e6:.3f} MB)")
             continue
-        beaten = [t for t in larger if t["ppl"] > r["ppl"]]
-        better = [t for t in larger if t["ppl"] <= r["ppl"]]
         nxt = larger[0]
-        line = (f"  {r['model']:26s} ppl {r['ppl']:.4f} | next larger {nxt['model']} ({nxt['block_bpw']:.3f}): "
-                f"{nxt['ppl']:.4f} ({100 * (r['ppl'] / nxt['ppl'] - 1):+.2f} %)")
-        if better:
-            first = better[0]
-            line += (f" | smallest larger type at least as good: {first['model']} ({first['block_bpw']:.3f} bpw, "
-                     f"ppl {first['ppl']:.4f}); beats {len(beaten)} of {len(larger)} larger files")
-        else:
-            line += f" | beats all {len(larger)} larger files"
-        print(line)
+        verdict = "at or below" if r["ppl"] <= nxt["ppl"] else "ABOVE"
+        print(f"  {r['model']:26s} {r['bytes'] / 1e6:.3f} MB ppl {r['ppl']:.4f} | next larger file {nxt['model']} "
+              f"({nxt['bytes'] / 1e6:.3f} MB): {nxt['ppl']:.4f} ({100 * (r['ppl'] / nxt['ppl'] - 1):+.2f} %) {verdict}")
 
 
 def main() -> None:
@@ -131,7 +134,8 @@ def main() -> None:
         f16 = root / "f16.gguf"
         export_gguf("builtin:tiny-lm", f16, type="f16", show_progress=False)
         bpw, nbytes = block_bpw(f16)
-        float_gguf_bytes = f16.stat().st_size - nbytes  # embedding, norms, header in F16 (the lowbit rows' float part)
+        # header, tokenizer and norms: what a GGUF holding a plan's tensors has besides them
+        float_gguf_bytes = f16.stat().st_size - nbytes - embedding_bytes(f16)
         add({"model": "F16 (lowbit export)", "block_bpw": bpw, "block_bytes": nbytes, "bytes": f16.stat().st_size,
              "ppl": llama_cpp_ppl(open_llama(llama_cpp, f16, args.seq_len), windows), "scorer": "llama.cpp"})
         float_model = load("builtin:tiny-lm")
@@ -165,8 +169,11 @@ def main() -> None:
                 plan = make_plan(measurement, target_bpw=target)
                 model = quantize(load("builtin:tiny-lm"), plan.recipe, calibration=calib, tokenizer=tok)
                 s = plan.summary()
-                add({"model": f"lowbit plan {method} {target} bpw", "block_bpw": s["bits_per_weight"],
-                     "block_bytes": s["quantized_bytes"], "bytes": float_gguf_bytes + s["quantized_bytes"],
+                blocks = [n for n in plan.layer_specs if n != measurement.provenance.get("tied_head")]
+                nb = sum(model.get_submodule(n).weight.nbytes for n in blocks)
+                add({"model": f"lowbit plan {method} {target} bpw", "plan_bpw": s["bits_per_weight"],
+                     "block_bpw": 8 * nb / sum(model.get_submodule(n).weight.numel for n in blocks),
+                     "block_bytes": nb, "bytes": float_gguf_bytes + s["quantized_bytes"],
                      "ppl": lowbit_ppl(model, windows), "scorer": "lowbit", "predicted_kl": s["predicted_error"],
                      "spec_counts": s["spec_counts"]})
             print(f"# {method}: {time.perf_counter() - start:.0f} s", flush=True)

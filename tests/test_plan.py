@@ -153,7 +153,7 @@ def test_plan_outputs_and_budget(planned: dict) -> None:
     r, root = planned["result"], planned["root"]
     assert set(r) >= {"recipe", "pareto", "measure_cache", "cache_hit", "bits_per_weight", "size_bytes",
                       "predicted_error", "predicted_kl", "solver", "spec_counts", "best_uniform", "verify"}
-    assert not r["cache_hit"] and r["solver"]["exact"] and r["layers"] == 28
+    assert not r["cache_hit"] and r["solver"]["exact"] and r["layers"] == 29  # 28 + the tied head
     assert 3.4 < r["bits_per_weight"] <= 3.5  # budget respected, and (nearly) used
     assert r["predicted_error"] < r["best_uniform"]["predicted_error"]
     assert len(r["spec_counts"]) >= 2  # mixed precision
@@ -163,7 +163,7 @@ def test_plan_outputs_and_budget(planned: dict) -> None:
     front = json.loads(Path(r["pareto"]).read_text())
     assert front["format"] == "lowbit-plan-pareto" and front["verify"]["ppl"] == v["ppl"]
     points = front["front"]
-    assert len(points) > 10 and all(len(p["choices"]) == 28 for p in points)
+    assert len(points) > 10 and all(len(p["choices"]) == 29 for p in points)
     assert all(a["size_bytes"] < b["size_bytes"] and a["predicted_error"] > b["predicted_error"]
                for a, b in zip(points, points[1:]))
     m = Measurement.load(r["measure_cache"])
@@ -171,11 +171,15 @@ def test_plan_outputs_and_budget(planned: dict) -> None:
     assert all(layer.sensitivity > 0 and layer.reference is not None for layer in m.layers)
     text = (root / "plan.yaml").read_text()
     assert text.startswith("# lowbit plan builtin:tiny-lm") and "lowbit quantize builtin:tiny-lm --recipe" in text
+    assert "tied_head: share" in text and "pattern: lm_head" in text  # the tied embedding/head is planned, shared
 
 
 def test_planned_model_beats_best_uniform_format_that_fits(planned: dict) -> None:
-    """At 3.5 bits/weight the plan's perplexity is below every uniform candidate of ≤ 3.5 bits/weight."""
+    """At 3.5 bits/weight the plan's perplexity is below every uniform candidate of ≤ 3.5 bits/weight (applied to
+    the same layers: the blocks and the tied embedding/head, shared)."""
     import lowbit
+    from lowbit.plan.planner import quantized_bits_per_weight
+    from lowbit.recipe import LayerOverride, QuantRecipe
     from lowbit.eval.perplexity import perplexity, read_text, tokenize_text
     from lowbit.eval.size import model_size
     from lowbit.models.resolve import builtin_dir
@@ -191,8 +195,9 @@ def test_planned_model_beats_best_uniform_format_that_fits(planned: dict) -> Non
     for k, spec in enumerate(m.candidates):
         if 8 * sum(layer.nbytes[k] for layer in m.layers) / m.numel > 3.5:
             continue
-        model = lowbit.quantize(lowbit.load("builtin:tiny-lm"), spec)
-        assert model_size(model).bits_per_weight <= 3.5
+        recipe = QuantRecipe(spec, overrides=(LayerOverride("lm_head", spec),), tied_head="share")
+        model = lowbit.quantize(lowbit.load("builtin:tiny-lm"), recipe)
+        assert quantized_bits_per_weight(model) <= 3.5 and model_size(model).size_bytes <= r["size_bytes"]
         uniform[spec.describe()] = perplexity(model, ids).ppl
     assert {"int3-g32-asym-dq", "int3-g64-asym-dq", "int2-g32-asym-dq"} <= set(uniform)
     assert ppl_planned < min(uniform.values()), (ppl_planned, uniform)
@@ -242,7 +247,7 @@ def test_cache_reuse_determinism_and_bounds(planned: dict) -> None:
     same = plan_cli.cmd_plan(parser.parse_args([*base, "--budget", str(size), "-o", str(root / "b.yaml")]))
     assert same["size_bytes"] <= size and same["predicted_error"] == pytest.approx(again["predicted_error"])
     with pytest.raises(InvalidSpecError, match="float parts"):
-        plan_cli.cmd_plan(parser.parse_args([*base, "--budget", "1MB", "-o", str(root / "c.yaml")]))
+        plan_cli.cmd_plan(parser.parse_args([*base, "--budget", "5KB", "-o", str(root / "c.yaml")]))
 
 
 def test_measurement_is_deterministic(planned: dict) -> None:
@@ -294,7 +299,12 @@ def test_plan_api_on_a_conv1d_model(tmp_path: Path) -> None:
     candidates = parse_candidates("int2-g64-asym,int4-g64-asym,int8-ch-sym", "rtn")
     m, hit = measure_model(model, load_tokenizer(model), str(path), candidates=candidates,
                            calib=CalibConfig(samples=4, seq_len=64), kl_samples=2, cache=tmp_path / "m.json")
-    assert not hit and len(m.layers) == 8 and all(layer.sensitivity > 0 for layer in m.layers)
+    assert not hit and len(m.layers) == 9 and all(layer.sensitivity > 0 for layer in m.layers)
+    assert m.layers[-1].name == "lm_head" and m.provenance["tied_head"] == "lm_head"
+    no_head, _ = measure_model(model, load_tokenizer(model), str(path), candidates=candidates, head=False,
+                               calib=CalibConfig(samples=4, seq_len=64), kl_samples=2, weighting="relative")
+    assert [layer.name for layer in no_head.layers] == [layer.name for layer in m.layers[:-1]]
+    assert no_head.float_bytes - m.float_bytes == 4 * m.layers[-1].numel  # the float32 embedding is budgeted
     tokenizer = load_tokenizer(model)
     again, hit = measure_model(model, tokenizer, str(path), candidates=candidates,
                                calib=CalibConfig(samples=4, seq_len=64), kl_samples=2, cache=tmp_path / "m.json")

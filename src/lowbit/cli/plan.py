@@ -47,6 +47,9 @@ def add_parser(sub: Any, common: Any) -> None:
     m.add_argument("--measure-cache", default=None, metavar="PATH",
                    help="measurement JSON to reuse/write (default: RECIPE.measure.json)")
     m.add_argument("--remeasure", action="store_true", help="measure again even when the cache matches")
+    m.add_argument("--float-head", action="store_true",
+                   help="keep an output head tied to the input embedding in float (by default the plan covers it: "
+                        "quantized once and shared with the embedding, recipe option tied_head: share)")
     c = p.add_argument_group("calibration")
     from lowbit.cli import add_calibration_args
 
@@ -99,7 +102,7 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     measurement, cache_hit = measure_model(
         model, tokenizer, args.model, candidates=candidates, method=args.method, calib=calib,
         weighting=args.weighting, kl_samples=args.kl_samples, device=args.device, cache=cache_path,
-        reuse=not args.remeasure, show_progress=not args.quiet)
+        reuse=not args.remeasure, head=not args.float_head, show_progress=not args.quiet)
     max_error = args.max_kl if args.max_kl is not None else args.max_error
     plan = make_plan(measurement, target_bpw=args.target_bpw, budget_bytes=budget, max_error=max_error)
     check_recipe_targets(model, plan.recipe, plan.layer_specs)

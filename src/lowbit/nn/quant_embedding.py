@@ -81,7 +81,9 @@ class SharedQuantEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        if flat.numel() == 0:
+            return torch.empty(*input_ids.shape, self.embedding_dim, dtype=self.dtype, device=self.head.qdata.device)
+        if (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
         unique, inverse = torch.unique(flat, return_inverse=True)
         out = self.rows(unique, self.dtype)[inverse]

@@ -29,11 +29,26 @@ PARETO_FORMAT = "lowbit-plan-pareto"
 MAX_FRONT_POINTS = 256
 
 
-def plan_targets(model: nn.Module, method: str, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[str]:
-    """The layers a plan covers: those ``lowbit quantize`` would quantize with this skip list, in model order."""
+def plan_targets(model: nn.Module, method: str, skip: tuple[str, ...] = DEFAULT_SKIP, head: bool = True) -> list[str]:
+    """The layers a plan covers: those ``lowbit quantize`` would quantize with this skip list, in model order,
+    then (``head``) an output head tied to the input embedding, which the plan's recipe quantizes once and
+    shares with the embedding (``tied_head: share``) — the matrix llama.cpp also quantizes (its token_embd)."""
     from lowbit.models.targets import select_targets
 
-    return list(select_targets(model, QuantRecipe(QuantSpec(), method, skip=skip)))
+    targets = list(select_targets(model, QuantRecipe(QuantSpec(), method, skip=skip)))
+    name = tied_head_name(model)
+    if head and name is not None and name not in targets:
+        targets.append(name)
+    return targets
+
+
+def tied_head_name(model: nn.Module) -> str | None:
+    """The output head's module name when its weight is tied to the input embedding, else None."""
+    from lowbit.models.build import output_head_name, tied_parameter_names
+
+    name = output_head_name(model)
+    tied = {t.rsplit(".", 1)[0] for t in tied_parameter_names(model)}
+    return name if name is not None and name in tied else None
 
 
 def float_part_bytes(model: nn.Module, targets: list[str]) -> int:
@@ -62,16 +77,20 @@ def measurement_provenance(model_ref: str, model: nn.Module, calib_ids: torch.Te
         "method": method, "options": dict(sorted(options.items())),
         "candidates": [s.describe() for s in candidates], "weighting": weighting,
         "kl_samples": kl_samples if weighting == "kl" else None,
-        "targets": targets, "lowbit_version": __version__,
+        "targets": targets, "tied_head": tied_head_name(model) if tied_head_name(model) in targets else None,
+        "lowbit_version": __version__,
     }
 
 
 def measure_model(model: nn.Module, tokenizer: Any, model_ref: str, *, candidates: list[QuantSpec] | None = None,
                   method: str = "rtn", options: dict[str, Any] | None = None, calib: CalibConfig = CalibConfig(),
                   weighting: str = "kl", kl_samples: int = 8, batch_size: int = 8, device: str = "cpu",
-                  cache: str | Path | None = None, reuse: bool = True,
+                  cache: str | Path | None = None, reuse: bool = True, head: bool = True,
                   show_progress: bool = False) -> tuple[Measurement, bool]:
     """Measure every target layer of the float ``model`` at every candidate (or reuse ``cache``).
+
+    ``head``: also plan an output head tied to the input embedding (shared by both once quantized;
+    measured in weight space, its KL sensitivity with the embedding quantized too).
 
     Returns (measurement, whether the cache was reused). ``cache`` is written after measuring.
     """
@@ -83,7 +102,7 @@ def measure_model(model: nn.Module, tokenizer: Any, model_ref: str, *, candidate
         raise InvalidSpecError(f"kl_samples must be ≥ 1, got {kl_samples}")
     options = dict(options or {})
     candidates = candidates or parse_candidates(None, method)
-    targets = plan_targets(model, method)
+    targets = plan_targets(model, method, head=head)
     if not targets:
         raise InvalidSpecError(f"{model_ref}: no linear layer to plan (all skipped)")
     ids = calibration_batches(tokenizer, calib)  # [samples, seq_len]
@@ -237,8 +256,18 @@ def make_plan(measurement: Measurement, *, target_bpw: float | None = None, budg
         solution = solve_budget(costs, errors, limit, max_cells=cells)
     front = pareto_hull(costs, errors)
     recipe = plan_recipe({layer.name: m.candidates[k] for layer, k in zip(m.layers, solution.choices)},
-                         m.provenance.get("method", "rtn"), m.provenance.get("options") or {}, m.candidates)
+                         m.provenance.get("method", "rtn"), m.provenance.get("options") or {}, m.candidates,
+                         tied_head="share" if m.provenance.get("tied_head") else "untie")
     return Plan(m, solution, front, target, recipe)
+
+
+def quantized_bits_per_weight(model: nn.Module) -> float:
+    """Bits per weight over the model's quantized layers — the planned ones, a planned (shared) head included."""
+    from lowbit.nn.quant_linear import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    numel = sum(m.in_features * m.out_features for m in layers)
+    return 8 * sum(m.weight.nbytes for m in layers) / numel if numel else 0.0
 
 
 def verify_plan(model_ref: str, reference: nn.Module, recipe: QuantRecipe, tokenizer: Any, text_ids: torch.Tensor, *,
@@ -263,5 +292,5 @@ def verify_plan(model_ref: str, reference: nn.Module, recipe: QuantRecipe, token
     size = model_size(model)
     return ({"ppl": kl.ppl, "ppl_float": kl.reference_ppl, "kl": kl.kl, "kl_p99": kl.kl_p99,
              "top1_agreement": kl.top1_agreement, "tokens": kl.tokens, "seq_len": seq_len,
-             "bits_per_weight": round(size.bits_per_weight, 6), "size_bytes": size.size_bytes,
+             "bits_per_weight": round(quantized_bits_per_weight(model), 6), "size_bytes": size.size_bytes,
              "seconds": round(time.perf_counter() - start, 3)}, model)

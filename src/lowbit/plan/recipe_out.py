@@ -12,22 +12,25 @@ from typing import Any
 
 from lowbit.errors import InvalidSpecError
 from lowbit.formats.spec import QuantSpec
-from lowbit.recipe import DEFAULT_SKIP, LayerOverride, QuantRecipe
+from lowbit.recipe import DEFAULT_SKIP, LayerOverride, QuantRecipe, name_matches
 
 
 def plan_recipe(layer_specs: dict[str, QuantSpec], method: str, options: dict[str, Any] | None = None,
-                candidates: list[QuantSpec] | None = None, skip: tuple[str, ...] = DEFAULT_SKIP) -> QuantRecipe:
+                candidates: list[QuantSpec] | None = None, skip: tuple[str, ...] = DEFAULT_SKIP,
+                tied_head: str = "untie") -> QuantRecipe:
     """A recipe giving each layer (in ``layer_specs``' order) its spec.
 
-    The default is the spec most layers use (ties: the earlier candidate); the others are overrides
-    whose pattern is the layer's full name.
+    The default is the spec most layers use (ties: the earlier candidate); the others — and planned
+    layers a skip pattern names (the output head) — are overrides whose pattern is the layer's full name.
+    ``tied_head="share"``: a planned output head tied to the input embedding stays shared with it.
     """
     counts = Counter(layer_specs.values())
     order = {spec: i for i, spec in enumerate(candidates or [])}
     default = min(counts, key=lambda s: (-counts[s], order.get(s, len(order)), s.describe()))
-    overrides = tuple(LayerOverride(name, spec) for name, spec in layer_specs.items() if spec != default)
+    overrides = tuple(LayerOverride(name, spec) for name, spec in layer_specs.items()
+                      if spec != default or any(name_matches(p, name) for p in skip))
     recipe = QuantRecipe(default=default, method=method, skip=skip, overrides=overrides,
-                         options=tuple(sorted((options or {}).items())))
+                         options=tuple(sorted((options or {}).items())), tied_head=tied_head)
     for name, spec in layer_specs.items():
         if recipe.spec_for(name) != spec:
             raise InvalidSpecError(f"{name}: the recipe would give {recipe.spec_for(name)}, the plan says "
