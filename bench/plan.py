@@ -29,6 +29,7 @@ of the same or the next larger file.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ctypes
 import json
 import sys
@@ -49,7 +50,7 @@ from lowbit.io.checkpoint import load  # noqa: E402
 from lowbit.io.gguf.reader import read_gguf  # noqa: E402
 from lowbit.io.gguf.writer import export_gguf  # noqa: E402
 from lowbit.models.resolve import builtin_dir  # noqa: E402
-from lowbit.plan import make_plan, measure_model  # noqa: E402
+from lowbit.plan import make_plan, measure_model, parse_candidates  # noqa: E402
 from lowbit.quantize import load_tokenizer, quantize  # noqa: E402
 
 TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=0, help="0: every full window of the held-out text")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--methods", default="gptq,rtn")
+    ap.add_argument("--candidates", default=None, help="comma-separated candidate formats (default: the method's list)")
     ap.add_argument("--targets", default="3.0,3.5,4.0,4.5")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--cache-dir", default=None, help="keep the measurements here (reused by later runs)")
@@ -161,8 +163,11 @@ def main() -> None:
         for method in args.methods.split(","):
             start = time.perf_counter()
             float_model = load("builtin:tiny-lm")
+            cands = parse_candidates(args.candidates, method) if args.candidates else None
+            tag = f"-{hashlib.sha256(args.candidates.encode()).hexdigest()[:8]}" if args.candidates else ""
             measurement, hit = measure_model(float_model, tok, "builtin:tiny-lm", method=method, calib=calib,
-                                             cache=cache_dir / f"tiny-lm-{method}-{args.calib_samples}.measure.json")
+                                             candidates=cands,
+                                             cache=cache_dir / f"tiny-lm-{method}-{args.calib_samples}{tag}.measure.json")
             print(f"# {method} measurement: {measurement.seconds:.0f} s{' (cached)' if hit else ''}; "
                   f"additivity {measurement.extra.get('additivity')}", flush=True)
             for target in (float(x) for x in args.targets.split(",")):

@@ -1,44 +1,17 @@
 """Short spec names for the report's uniform formats: ``int8``, ``int4-g128``, ``int3-g64-sym``, ``nf4``, ``fp8`` …
 
-Grammar (the names :meth:`QuantSpec.describe` prints read back, plus shorthands):
-``int<bits>[-g<N>|-ch|-t][-sym|-asym]`` (default: int8 per channel symmetric, other widths
-group 128 asymmetric, like ``lowbit quantize``), ``nf4|fp4[-b<N>][-dq]`` (block 64),
-``fp8[_e4m3|_e5m2]`` (per channel).
+Names are read by :func:`lowbit.formats.names.parse_spec_name` (the planner's ``--candidates`` read them
+the same way): ``int8`` is per channel symmetric, other int widths groups of 128 asymmetric.
 """
 
 from __future__ import annotations
 
-import re
-
 from lowbit.errors import InvalidSpecError
+from lowbit.formats.names import parse_spec_name
 from lowbit.formats.spec import QuantSpec
 
 DEFAULT_UNIFORM = ("int8", "int4-g128", "int3-g128", "nf4")
-
-_INT = re.compile(r"int(\d+)(?:-(g\d+|ch|t))?(?:-(sym|asym))?")
-_CODEBOOK = re.compile(r"(nf4|fp4)(?:-b(\d+))?(-dq)?")
-_FP8 = re.compile(r"fp8(?:_(e4m3|e5m2))?(?:-(ch|g\d+))?")
-
-
-def parse_spec_name(name: str) -> QuantSpec:
-    """The :class:`QuantSpec` a short name stands for (see the module docstring)."""
-    text = name.strip().lower()
-    if m := _INT.fullmatch(text):
-        bits = int(m.group(1))
-        gran = m.group(2) or ("ch" if bits == 8 else "g128")
-        symmetric = m.group(3) == "sym" if m.group(3) else bits == 8
-        group = {"ch": None, "t": -1}.get(gran)
-        if group is None and gran.startswith("g"):
-            group = int(gran[1:])
-        return QuantSpec.int_(bits, group, symmetric=symmetric)
-    if m := _CODEBOOK.fullmatch(text):
-        block = int(m.group(2) or 64)
-        return (QuantSpec.nf4 if m.group(1) == "nf4" else QuantSpec.fp4)(block, double_quant=bool(m.group(3)))
-    if m := _FP8.fullmatch(text):
-        group = int(m.group(2)[1:]) if m.group(2) and m.group(2).startswith("g") else None
-        return QuantSpec.fp8(m.group(1) or "e4m3", group)
-    raise InvalidSpecError(f"unknown format name {name!r}; expected e.g. int8, int4-g128, int3-g64-sym, nf4, "
-                           "nf4-b64-dq, fp4, fp8")
+__all__ = ["DEFAULT_UNIFORM", "parse_spec_list", "parse_spec_name", "short_name"]
 
 
 def parse_spec_list(text: str) -> list[QuantSpec]:
