@@ -98,6 +98,8 @@ def test_save_load_and_transformers(shared_model, tmp_path):
 def test_streaming_quantize_equals_in_memory(shared_model, tmp_path):
     result = quantize_pretrained("builtin:tiny-lm", RECIPE, tmp_path / "s", show_progress=False)
     assert result.size.size_bytes == model_size(shared_model).size_bytes
+    qcfg = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]
+    assert qcfg["source"] == "builtin:tiny-lm"  # the float model it came from (what lowbit report compares with)
     assert torch.equal(lowbit.load(tmp_path / "s")(input_ids=IDS).logits, shared_model(input_ids=IDS).logits)
 
 

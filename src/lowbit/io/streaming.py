@@ -95,11 +95,11 @@ def quantize_pretrained(source: str | Path, spec_or_recipe: QuantSpec | QuantRec
     files = weight_files(src)
     done: set[str] = set()
     untied: dict[str, list[str]] = {}  # source parameter → tied target layers quantized from it
-    for head, source in tied_target_sources(model, targets).items():
-        untied.setdefault(source, []).append(head)
+    for head, tied_to in tied_target_sources(model, targets).items():
+        untied.setdefault(tied_to, []).append(head)
     shared: dict[str, str] = {}  # tied_head: share → {embedding module: head module}; the embedding is not stored
     if recipe.tied_head == "share":
-        shared = {source.rpartition(".")[0]: head for head, source in tied_target_sources(model, targets).items()}
+        shared = {tied_to.rpartition(".")[0]: head for head, tied_to in tied_target_sources(model, targets).items()}
 
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
