@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=0, help="0: every full window of the held-out text")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--methods", default="gptq,rtn")
+    ap.add_argument("--inputs", default="float", choices=("float", "reference"),
+                    help="what each block's measurement sees: the float model's activations or the earlier blocks "
+                         "quantized at their reference candidates")
     ap.add_argument("--kl-samples", type=int, default=8, help="calibration windows of each layer's KL check")
     ap.add_argument("--candidates", default=None, help="comma-separated candidate formats (default: the method's list)")
     ap.add_argument("--targets", default="3.0,3.5,4.0,4.5")
@@ -167,8 +170,8 @@ def main() -> None:
             cands = parse_candidates(args.candidates, method) if args.candidates else None
             tag = f"-{hashlib.sha256(args.candidates.encode()).hexdigest()[:8]}" if args.candidates else ""
             measurement, hit = measure_model(float_model, tok, "builtin:tiny-lm", method=method, calib=calib,
-                                             candidates=cands, kl_samples=args.kl_samples,
-                                             cache=cache_dir / f"tiny-lm-{method}-{args.calib_samples}-kl{args.kl_samples}{tag}.measure.json")
+                                             candidates=cands, kl_samples=args.kl_samples, inputs=args.inputs,
+                                             cache=cache_dir / f"tiny-lm-{method}-{args.calib_samples}-kl{args.kl_samples}-{args.inputs}{tag}.measure.json")
             print(f"# {method} measurement: {measurement.seconds:.0f} s{' (cached)' if hit else ''}; "
                   f"additivity {measurement.extra.get('additivity')}", flush=True)
             for target in (float(x) for x in args.targets.split(",")):

@@ -305,6 +305,13 @@ def test_plan_api_on_a_conv1d_model(tmp_path: Path) -> None:
                                calib=CalibConfig(samples=4, seq_len=64), kl_samples=2, weighting="relative")
     assert [layer.name for layer in no_head.layers] == [layer.name for layer in m.layers[:-1]]
     assert no_head.float_bytes - m.float_bytes == 4 * m.layers[-1].numel  # the float32 embedding is budgeted
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seq, _ = measure_model(model, load_tokenizer(model), str(path), candidates=candidates, inputs="reference",
+                           calib=CalibConfig(samples=4, seq_len=64), kl_samples=2)
+    assert seq.provenance["inputs"] == "reference" and "inputs" not in m.provenance
+    assert seq.layers[0].rel_error == pytest.approx(m.layers[0].rel_error)  # block 0 sees the same inputs
+    assert seq.layers[4].rel_error != pytest.approx(m.layers[4].rel_error)  # block 1 sees block 0 quantized
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # float weights put back
     tokenizer = load_tokenizer(model)
     again, hit = measure_model(model, tokenizer, str(path), candidates=candidates,
                                calib=CalibConfig(samples=4, seq_len=64), kl_samples=2, cache=tmp_path / "m.json")

@@ -154,3 +154,20 @@ def test_gguf_export_writes_one_token_embd_llama_cpp_runs(llama_cpp_module, tmp_
     ours = lowbit_ppl(model, windows)
     theirs = llama_cpp_ppl(open_llama(llama_cpp_module, tmp_path / "q.gguf", 128), windows)
     assert abs(theirs / ours - 1) < 0.01, (ours, theirs)
+
+
+def test_gptq_quantizes_the_head_as_the_planner_measures_it():
+    """Outside the blocks GPTQ has no captured inputs: the head gets GPTQ with H = I (RTN on GPTQ's MSE-clipped
+    grid), which is what `lowbit plan --method gptq` measured for it."""
+    from lowbit.algorithms.calib_data import CalibConfig
+    from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
+
+    spec = QuantSpec(bits=3, group_size=32, symmetric=False, double_quant=True)
+    recipe = QuantRecipe(QuantSpec(bits=4, group_size=32), "gptq", overrides=(LayerOverride("lm_head", spec),),
+                         tied_head="share")
+    float_head = lowbit.load("builtin:tiny-lm").lm_head.weight.detach().clone()
+    model = quantize(lowbit.load("builtin:tiny-lm"), recipe, calibration=CalibConfig(samples=4, seq_len=64))
+    want = gptq_quantize(float_head, torch.eye(float_head.shape[1]), spec, GPTQConfig(), "lm_head")
+    assert torch.equal(model.lm_head.weight.dequantize(), want.dequantize())
+    rtn = QuantizedWeight.from_float(float_head, spec).dequantize()
+    assert ((want.dequantize() - float_head) ** 2).sum() < ((rtn - float_head) ** 2).sum()  # the clip helps

@@ -10,7 +10,7 @@ from torch import nn
 from lowbit.algorithms.calib_data import CalibConfig, calibration_batches
 from lowbit.algorithms.calibrate import LayerJob, run_layer_by_layer
 from lowbit.algorithms.awq import AWQConfig, InputSampler, linear_weight, search_clip, search_scale
-from lowbit.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from lowbit.algorithms.gptq import HessianAccumulator, gptq_quantize
 from lowbit.algorithms.smoothing import fold_into_norm, foldable_pairs
 from lowbit.algorithms.weight_only import method_config
 from lowbit.models.targets import check_target_shapes, float_weight, is_conv1d, linear_dims, select_targets, set_submodule
@@ -59,9 +59,16 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
     done = run_layer_by_layer(model, batches, targets=targets, make_stats=make_stats, replace=replace,
                               device=device, prepare_block=prepare_block, sequential=sequential,
                               share_stats=recipe.method == "gptq", show_progress=show_progress)
-    for name in set(targets) - set(done):  # layers outside the block list (e.g. BERT's pooler): plain RTN
+    for name in set(targets) - set(done):  # layers outside the block list (a BERT pooler, an output head)
         module = model.get_submodule(name)
-        set_submodule(model, name, QuantLinear.from_float(module, targets[name], name).to(module.weight.device))
+        if recipe.method == "gptq":  # no captured inputs: GPTQ with H = I, i.e. RTN on GPTQ's MSE-clipped grid
+            weight = float_weight(module)
+            eye = torch.eye(weight.shape[1], device=weight.device)
+            qlinear = QuantLinear.from_weight(gptq_quantize(weight.float(), eye, targets[name], options, name),
+                                              module.bias)
+        else:  # AWQ: plain RTN
+            qlinear = QuantLinear.from_float(module, targets[name], name)
+        set_submodule(model, name, qlinear.to(module.weight.device))
     model.lowbit_method = recipe.method  # type: ignore[attr-defined]
     return model
 

@@ -298,7 +298,7 @@ def _quantize_or_none(quantizer: Callable[[torch.Tensor, torch.Tensor, QuantSpec
 def measure_layers(model: nn.Module, batches: list[dict[str, torch.Tensor]], targets: list[str],
                    candidates: list[QuantSpec], method: str, options: dict[str, Any] | None = None, *,
                    device: str | torch.device = "cpu",
-                   keep: Callable[[list[float | None]], int | None] | None = None,
+                   keep: Callable[[list[float | None]], int | None] | None = None, inputs: str = "float",
                    show_progress: bool = False) -> tuple[dict[str, LayerMeasurement], dict[str, QuantizedWeight]]:
     """Measure every target layer on the calibration ``batches`` with the shared layer-by-layer runner.
 
@@ -306,11 +306,14 @@ def measure_layers(model: nn.Module, batches: list[dict[str, torch.Tensor]], tar
     the layers are measured and left float (``replace`` hands back the same module), so each block
     sees the float model's activations. Targets outside the block list (rare: a BERT pooler) have no
     captured inputs and are measured in weight space (H = I).
+    ``inputs="reference"``: each block instead sees the outputs of the earlier blocks with their layers at
+    their reference candidates (``keep``) — the regime a sequentially applied method (GPTQ) meets; the float
+    weights are put back afterwards.
     Returns ({name: measurement}, {name: kept reference QuantizedWeight}).
     """
     from lowbit.algorithms.calibrate import LayerJob, run_layer_by_layer
     from lowbit.algorithms.gptq import HessianAccumulator
-    from lowbit.models.targets import float_weight, linear_dims
+    from lowbit.models.targets import float_weight, is_conv1d, linear_dims
 
     quantizer = layer_quantizer(method, options)
     results: dict[str, LayerMeasurement] = {}
@@ -319,17 +322,29 @@ def measure_layers(model: nn.Module, batches: list[dict[str, torch.Tensor]], tar
     def make_stats(name: str, module: nn.Module) -> Any:
         return HessianAccumulator(linear_dims(module)[0], device=device)
 
+    if inputs not in ("float", "reference"):
+        raise InvalidSpecError(f"measurement inputs {inputs!r}: choose float or reference")
+    originals: dict[str, torch.Tensor] = {}
+
     def replace(job: LayerJob) -> nn.Module:
         layer, qw = measure_layer(float_weight(job.module), job.stats.hessian, candidates, quantizer, job.name, keep)
         job.stats.hessian = None
         results[job.name] = layer
         if qw is not None:
             kept[job.name] = qw.to("cpu")
+            if inputs == "reference":  # the later blocks see this layer quantized
+                originals[job.name] = job.module.weight.data
+                approx = qw.dequantize(torch.float32).to(job.module.weight.device, job.module.weight.dtype)
+                job.module.weight.data = approx.t().contiguous() if is_conv1d(job.module) else approx
         return job.module
 
     wanted = {name: None for name in targets}
-    run_layer_by_layer(model, batches, targets=wanted, make_stats=make_stats, replace=replace, device=device,
-                       sequential=False, show_progress=show_progress)
+    try:
+        run_layer_by_layer(model, batches, targets=wanted, make_stats=make_stats, replace=replace, device=device,
+                           sequential=inputs == "reference", show_progress=show_progress)
+    finally:
+        for name, weight in originals.items():
+            model.get_submodule(name).weight.data = weight
     for name in targets:
         if name not in results:
             module = model.get_submodule(name)

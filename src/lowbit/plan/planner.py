@@ -85,7 +85,7 @@ def measurement_provenance(model_ref: str, model: nn.Module, calib_ids: torch.Te
 def measure_model(model: nn.Module, tokenizer: Any, model_ref: str, *, candidates: list[QuantSpec] | None = None,
                   method: str = "rtn", options: dict[str, Any] | None = None, calib: CalibConfig = CalibConfig(),
                   weighting: str = "kl", kl_samples: int = 8, batch_size: int = 8, device: str = "cpu",
-                  cache: str | Path | None = None, reuse: bool = True, head: bool = True,
+                  cache: str | Path | None = None, reuse: bool = True, head: bool = True, inputs: str = "float",
                   show_progress: bool = False) -> tuple[Measurement, bool]:
     """Measure every target layer of the float ``model`` at every candidate (or reuse ``cache``).
 
@@ -108,6 +108,8 @@ def measure_model(model: nn.Module, tokenizer: Any, model_ref: str, *, candidate
     ids = calibration_batches(tokenizer, calib)  # [samples, seq_len]
     provenance = measurement_provenance(model_ref, model, ids, calib, method, options, candidates, weighting,
                                         kl_samples, targets)
+    if inputs != "float":
+        provenance["inputs"] = inputs
     if cache is not None and reuse and Path(cache).is_file():
         try:
             cached = Measurement.load(cache)
@@ -120,7 +122,7 @@ def measure_model(model: nn.Module, tokenizer: Any, model_ref: str, *, candidate
                for i in range(0, ids.shape[0], batch_size)]
     keep = sens.choose_reference if weighting == "kl" else None
     layers, references = measure_layers(model, batches, targets, candidates, method, options, device=device,
-                                        keep=keep, show_progress=show_progress)
+                                        keep=keep, inputs=inputs, show_progress=show_progress)
     model.to(device)  # the runner leaves the blocks where they were and the rest on the device; the checks run it whole
     extra: dict[str, Any] = {}
     if weighting == "kl":

@@ -1,12 +1,18 @@
-"""GGUF k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): llama.cpp's scale searches and bit layouts in vectorised torch.
+"""GGUF k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): llama.cpp's scale searches and bit layouts.
 
 Every encoder takes a batch of super-blocks ``x`` float32 [B, 256] (plus, for the importance path,
 per-element importance [B, 256]) and returns the stored bytes uint8 [B, type_size]; every decoder
 is the inverse uint8 [B, type_size] → float32 [B, 256], with the same float operations, in the same
 order, as ``gguf.quants`` / ggml's ``dequantize_row_*`` (so the results are bitwise equal).
 
-The searches run over all blocks at once; the only Python loops are over candidate scales and (in
-the coordinate-descent refinements) over the 8–16 elements of a block. Block layouts (bytes):
+On CPU the per-block work — the scale searches (make_qkx2/3_quants, make_qx_quants, make_q3_quants,
+make_qp_quants), the importance weights and sums, the final requantization — runs in C++
+(``lowbit_cpu::gguf_*`` ops, ``kernels/cpu_lowbit/csrc/gguf_search.cpp``, built on first use) with
+llama.cpp's float operations in its order, so the bytes are llama.cpp's (``llama-quantize``, with or
+without an imatrix). The torch versions below are the fallback, off the CPU, without a compiler, or
+with ``LOWBIT_GGUF_SEARCH=torch``: the same algorithms over all blocks at once (Python loops only over
+candidate scales and refinement steps), which agree with llama.cpp except where float summation order
+decides a near tie. Scale coding and bit packing are torch in both cases. Block layouts (bytes):
 
 ====== ============================================================================================
 Q2_K   scales[16] (low nibble: 4-bit scale, high nibble: 4-bit min) | qs[64] 2-bit | d f16 | dmin f16
@@ -19,6 +25,10 @@ Q6_K   ql[128] low 4 bits | qh[64] high 2 bits | scales[16] int8 | d f16
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -87,13 +97,13 @@ def signed_absmax(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.maximum(hi, -lo), vmax
 
 
-# ---- scale searches (llama.cpp's make_*_quants) over blocks laid out as columns [n, B] -------------
+# ---- scale searches in torch (llama.cpp's make_*_quants) over blocks laid out as columns [n, B] ----
 def tiles(b: int, width: int) -> list[tuple[int, int]]:
     """[start, stop) column ranges of at most ``width`` blocks covering b blocks."""
     return [(t0, min(b, t0 + width)) for t0 in range(0, b, width)]
 
 
-def make_qx_quants(xt: Tensor, nmax: int, wt: Tensor) -> tuple[Tensor, Tensor]:
+def make_qx_quants_torch(xt: Tensor, nmax: int, wt: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric weighted scale search (make_qx_quants, rmse_type 1) of blocks xt [n, B] (one block a column).
 
     Tries ``iscale = -(nmax + 0.1 i)/max`` for i in -9..9 and keeps the least-squares scale of the
@@ -217,8 +227,8 @@ def make_qp_quants(xt: Tensor, nmax: int, wt: Tensor) -> tuple[Tensor, Tensor]:
     return scale * live, q.clamp_(min=0).mul_(live)
 
 
-def make_qkx_quants(xt: Tensor, wt: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                    use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def make_qkx_quants_torch(xt: Tensor, wt: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                          use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric scale/min search (make_qkx2_quants / make_qkx3_quants) of blocks xt [n, B] (columns).
 
     Starts from the min/max grid, then tries ``iscale = (rmin + rdelta·i + nmax)/(max − min)`` for
@@ -296,31 +306,152 @@ def make_qkx_quants(xt: Tensor, wt: Tensor, nmax: int, rmin: float, rdelta: floa
     return scale * live, -vmin, codes
 
 
+# ---- the same in C++ (lowbit_cpu::gguf_*, csrc/gguf_search.cpp), blocks as rows [B, n] --------------
+# The C++ ops run llama.cpp's scalar code op for op (blocks side by side in SIMD lanes; sums in
+# sequence), so their bytes are llama.cpp's, and they are over ten times faster than the torch
+# versions above. Those remain the fallback: for tensors off the CPU, when the C++ kernels cannot be
+# built (BuildError: no compiler …), and with LOWBIT_GGUF_SEARCH=torch. The functions below take
+# either path.
+SEARCH_ENV = "LOWBIT_GGUF_SEARCH"
+_cpp_loaded: bool | None = None  # None: not tried yet (the kernels are built on first k-quant use)
+_cpp_lock = threading.Lock()
+
+
+def _load_cpp() -> bool:
+    try:
+        import lowbit.kernels.cpu_lowbit  # noqa: F401  (builds once per machine, registers torch.ops.lowbit_cpu)
+    except Exception as err:
+        build = sys.modules.get("lowbit.kernels.cpu_lowbit.build")
+        if build is None or not isinstance(err, build.BuildError):
+            raise
+        warnings.warn(f"lowbit: GGUF k-quant searches run in torch (slower): {err}", stacklevel=5)
+        return False
+    return True
+
+
+def cpp_searches(device: torch.device) -> bool:
+    """Whether the searches of blocks on ``device`` run in C++ (CPU, kernels built, LOWBIT_GGUF_SEARCH ≠ torch)."""
+    global _cpp_loaded
+    if device.type != "cpu" or os.environ.get(SEARCH_ENV, "").strip().lower() == "torch":
+        return False
+    if _cpp_loaded is None:
+        with _cpp_lock:
+            if _cpp_loaded is None:
+                _cpp_loaded = _load_cpp()
+    return _cpp_loaded
+
+
+def qkx_search(x: Tensor, w: Tensor | None, nmax: int, rmin: float, rdelta: float, nstep: int,
+               use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """make_qkx2/3_quants of blocks x [B, n] (rows) with weights w [B, n] → (scale [B], neg_min [B], codes
+    uint8 [B, n]). ``w=None``: llama.cpp's reference weights, |x| when ``use_mad`` (Q2_K), else
+    ``sqrt(Σx²/n) + |x|`` (Q4_K, Q5_K)."""
+    if cpp_searches(x.device):
+        return torch.ops.lowbit_cpu.gguf_qkx_search(x, w, nmax, rmin, rdelta, nstep, use_mad)
+    if w is None:
+        w = x.abs() if use_mad else x.abs().add_(torch.sqrt((x * x).sum(1, keepdim=True) / x.shape[1]))
+    scale, neg_min, codes = make_qkx_quants_torch(x.t().contiguous(), w.t().contiguous(), nmax, rmin, rdelta,
+                                                  nstep, use_mad)
+    return scale, neg_min, codes.t().to(torch.uint8)
+
+
+def qx_search(x: Tensor, nmax: int, w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """make_qx_quants (rmse_type 1) of blocks x [B, n] (rows) with weights w [B, n] (None: x²) →
+    (scale [B], codes uint8 [B, n])."""
+    if cpp_searches(x.device):
+        return torch.ops.lowbit_cpu.gguf_qx_search(x, w, nmax)
+    scale, codes = make_qx_quants_torch(x.t().contiguous(), nmax, (x * x if w is None else w).t().contiguous())
+    return scale, codes.t().to(torch.uint8)
+
+
+def q3_search(x: Tensor) -> tuple[Tensor, Tensor]:
+    """make_q3_quants (nmax 4, refined) of blocks x [B, 16] (rows) → (scale [B], codes uint8 [B, 16])."""
+    if cpp_searches(x.device):
+        return torch.ops.lowbit_cpu.gguf_q3_search(x, 4)
+    scale, codes = make_q3_quants(x.t().contiguous())
+    return scale, codes.t().to(torch.uint8)
+
+
+def qp_search(x: Tensor, nmax: int, w: Tensor) -> tuple[Tensor, Tensor]:
+    """make_qp_quants of non-negative values x [B, m] (rows) with weights w [B, m] → (scale [B], codes uint8)."""
+    if cpp_searches(x.device):
+        return torch.ops.lowbit_cpu.gguf_qp_search(x, w, nmax)
+    scale, codes = make_qp_quants(x.t().contiguous(), nmax, w.t().contiguous())
+    return scale, codes.t().to(torch.uint8)
+
+
+def row_sums(x: Tensor) -> Tensor:
+    """Σ x of each row of x [R, m] — in C++ summed in order, as llama.cpp does."""
+    if cpp_searches(x.device):
+        return torch.ops.lowbit_cpu.gguf_row_sums(x)
+    return x.sum(1)
+
+
+def requantize(x: Tensor, d: Tensor, dmin: Tensor | None, codes: Tensor, lo: int, hi: int) -> Tensor:
+    """Final codes of sub-blocks x [S, n] (rows) against their stored scale d [S] (and min dmin [S]):
+    ``round((x + dmin)/d)`` (``round(x/d)`` without mins) clamped to [lo, hi], offset by −lo; sub-blocks
+    whose scale is 0 keep ``codes`` (uint8 [S, n], from the search), as llama.cpp does. Returns uint8 [S, n]."""
+    if cpp_searches(x.device):
+        return torch.ops.lowbit_cpu.gguf_requantize(x, d, dmin, codes, lo, hi)
+    q = torch.div(x, d.unsqueeze(1)) if dmin is None else torch.add(x, dmin.unsqueeze(1)).div_(d.unsqueeze(1))
+    q = q.round_().clamp_(lo, hi).sub_(lo).to(torch.uint8)
+    dead = (d == 0).nonzero().squeeze(1)
+    if dead.numel():
+        q[dead] = codes[dead]
+    return q
+
+
+def make_qx_quants(xt: Tensor, nmax: int, wt: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`make_qx_quants_torch`'s contract (blocks as columns xt, wt [n, B]; float codes [n, B]), in C++
+    when :func:`cpp_searches`."""
+    if not cpp_searches(xt.device):
+        return make_qx_quants_torch(xt, nmax, wt)
+    scale, codes = torch.ops.lowbit_cpu.gguf_qx_search(xt.t(), wt.t(), nmax)
+    return scale, codes.t().float()
+
+
+def make_qkx_quants(xt: Tensor, wt: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                    use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`make_qkx_quants_torch`'s contract (blocks as columns xt, wt [n, B]; float codes [n, B]), in
+    C++ when :func:`cpp_searches`."""
+    if not cpp_searches(xt.device):
+        return make_qkx_quants_torch(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
+    scale, neg_min, codes = torch.ops.lowbit_cpu.gguf_qkx_search(xt.t(), wt.t(), nmax, rmin, rdelta, nstep, use_mad)
+    return scale, neg_min, codes.t().float()
+
+
 # ---- shared pieces ---------------------------------------------------------------------------------
 def columns(x: Tensor, n: int) -> Tensor:
     """Values x [..] cut into blocks of n and laid out as columns: [n, numel/n] (the searches' layout)."""
     return x.reshape(-1, n).t().contiguous()
 
 
-def importance_weights(xt: Tensor, imp_t: Tensor, sigma2: Tensor) -> Tensor:
-    """llama.cpp's per-element weight ``importance · sqrt(σ² + x²)``: xt, imp_t [n, B], σ² [B]."""
-    return imp_t * torch.sqrt(sigma2 + xt * xt)
+def importance_weights(x: Tensor, imp: Tensor, sigma2_scale: float) -> Tensor:
+    """llama.cpp's per-element weight ``importance · sqrt(σ² + x²)`` of super-blocks x, imp [B, 256], with
+    ``σ² = sigma2_scale · Σx² / 256`` per super-block (in C++: Σ in order, sqrt correctly rounded)."""
+    if cpp_searches(x.device):
+        return torch.ops.lowbit_cpu.gguf_importance_weights(x, imp, sigma2_scale)
+    sigma2 = sigma2_scale * (x * x).sum(1, keepdim=True) / x.shape[1]
+    return torch.sqrt(x * x + sigma2).mul_(imp)
 
 
-def requantize(xt: Tensor, d: Tensor, dmin: Tensor | None, codes: Tensor, lo: int, hi: int) -> Tensor:
-    """Final codes of sub-blocks xt [n, S] against their stored scale d [S] (and min dmin [S]):
-    ``round((x + dmin)/d)`` (``round(x/d)`` without mins) clamped to [lo, hi], offset by −lo; sub-blocks
-    whose scale is 0 keep ``codes`` (from the search), as llama.cpp does. Returns [S, n] float codes."""
-    num = xt if dmin is None else xt + dmin
-    dead = 1 - positive(d.abs())
-    q = (num / (d + dead)).round_().clamp_(lo, hi).sub_(lo)
-    return q.lerp_(codes, dead).t()
+# The packers work on 4 bytes at a time: uint8 codes viewed as int32 words. Shifting a word by less
+# than a byte moves each byte's bits within that byte as long as they fit (codes below 2^(8 − shift)),
+# and masks drop what crosses in from a neighbour, so the bytes come out as byte-wise ops would give.
+def words(q: Tensor) -> Tensor:
+    """uint8 codes [B, 32k] as int32 words [B, 8k] (4 codes a word)."""
+    return q.to(torch.uint8).contiguous().view(torch.int32)
+
+
+def as_bytes(w: Tensor, width: int) -> Tensor:
+    """int32 words back to bytes uint8 [B, width]."""
+    return w.contiguous().view(torch.uint8).reshape(-1, width)
 
 
 def pack_2bit(q: Tensor) -> Tensor:
     """2-bit codes [B, 256] → qs [B, 64]: byte 32h + l holds elements 128h + l + 32t at bits 2t."""
-    b = q.to(torch.uint8).reshape(-1, 2, 4, 32)
-    return (b[:, :, 0] | (b[:, :, 1] << 2) | (b[:, :, 2] << 4) | (b[:, :, 3] << 6)).reshape(-1, 64)
+    b = words(q).reshape(-1, 2, 4, 8)
+    return as_bytes(b[:, :, 0] | (b[:, :, 1] << 2) | (b[:, :, 2] << 4) | (b[:, :, 3] << 6), 64)
 
 
 def unpack_2bit(qs: Tensor) -> Tensor:
@@ -331,11 +462,11 @@ def unpack_2bit(qs: Tensor) -> Tensor:
 
 def bit_planes(bits: Tensor, planes: int) -> Tensor:
     """Bits [B, planes·32] (element 32t + j) → bytes [B, 32] with element 32t + j at bit t of byte j."""
-    b = bits.to(torch.uint8).reshape(-1, planes, 32)
+    b = words(bits).reshape(-1, planes, 8)
     out = b[:, 0].clone()
     for t in range(1, planes):
         out |= b[:, t] << t
-    return out
+    return as_bytes(out, 32)
 
 
 def unbit_planes(packed: Tensor, planes: int) -> Tensor:
@@ -346,8 +477,8 @@ def unbit_planes(packed: Tensor, planes: int) -> Tensor:
 
 def pack_nibbles_k(q: Tensor) -> Tensor:
     """4-bit codes [B, 256] → qs [B, 128]: byte 32c + l = element 64c + l | element 64c + 32 + l << 4."""
-    b = q.to(torch.uint8).reshape(-1, 4, 2, 32)
-    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(-1, 128)
+    b = words(q).reshape(-1, 4, 2, 8)
+    return as_bytes(b[:, :, 0] | (b[:, :, 1] << 4), 128)
 
 
 def unpack_nibbles_k(qs: Tensor) -> Tensor:
@@ -401,36 +532,29 @@ def _code_scales(values: Tensor, vmax: Tensor, levels: int) -> tuple[Tensor, Ten
     return codes, step
 
 
-def _qp(values: Tensor, nmax: int, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """make_qp_quants over super-blocks: values, weights [B, m] → (scale [B], codes [B, m])."""
-    scale, codes = make_qp_quants(values.t().contiguous(), nmax, weights.t().contiguous())
-    return scale, codes.t()
-
-
 def _sub_scales(d: Tensor, codes: Tensor, offset: int = 0) -> Tensor:
     """Stored sub-block scales: f16 super-block scale d [B] × (6/4-bit codes [B, m] − offset) → [B·m]."""
-    return (d.float().unsqueeze(-1) * (codes - offset)).reshape(-1)
+    return (d.float().unsqueeze(-1) * (codes.float() - offset)).reshape(-1)
 
 
 # ---- Q2_K ------------------------------------------------------------------------------------------
 def quantize_q2_k(x: Tensor, imp: Tensor | None) -> Tensor:
     """Super-blocks x [B, 256] → Q2_K bytes [B, 84]: 16 sub-blocks of 16, 2-bit codes, 4-bit scales/mins."""
     b = x.shape[0]
-    xt = columns(x, 16)
+    xs = x.reshape(-1, 16)
     if imp is None:
-        scales, mins, codes = make_qkx_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins, codes = qkx_search(xs, None, 3, -0.5, 0.1, 15, use_mad=True)  # weights |x|
         scales, mins = scales.view(b, 16), mins.view(b, 16)
         ls, d = _code_scales(scales, _super_max(scales), 15)
         lm, dmin = _code_scales(mins, _super_max(mins), 15)
     else:
-        sigma2 = ((x * x).sum(-1) / QK_K).repeat_interleave(16)
-        w = importance_weights(xt, columns(imp, 16), sigma2)
-        scales, mins, codes = make_qkx_quants(xt, w, 3, -0.9, 0.05, 36, use_mad=False)
-        sw = w.sum(0).view(b, 16)
-        dm, ls = _qp(scales.view(b, 16), 15, sw)
-        mm, lm = _qp(mins.view(b, 16), 15, sw)
+        w = importance_weights(x, imp, 1.0).view(-1, 16)
+        scales, mins, codes = qkx_search(xs, w, 3, -0.9, 0.05, 36, use_mad=False)
+        sw = row_sums(w).view(b, 16)
+        dm, ls = qp_search(scales.view(b, 16), 15, sw)
+        mm, lm = qp_search(mins.view(b, 16), 15, sw)
         d, dmin = half(dm), half(mm)
-    q = requantize(xt, _sub_scales(d, ls), _sub_scales(dmin, lm), codes, 0, 3).reshape(b, QK_K)
+    q = requantize(xs, _sub_scales(d, ls), _sub_scales(dmin, lm), codes, 0, 3).view(b, QK_K)
     sc = ls.to(torch.uint8) | (lm.to(torch.uint8) << 4)
     return torch.cat([sc, pack_2bit(q), half_bytes(d), half_bytes(dmin)], 1)
 
@@ -450,9 +574,9 @@ def dequantize_q2_k(blocks: Tensor) -> Tensor:
 def quantize_q3_k(x: Tensor, imp: Tensor | None) -> Tensor:
     """Super-blocks x [B, 256] → Q3_K bytes [B, 110]: 16 sub-blocks of 16, 3-bit codes, 6-bit signed scales."""
     b = x.shape[0]
-    xt = columns(x, 16)
+    xs = x.reshape(-1, 16)
     if imp is None:
-        scales, codes = make_q3_quants(xt)
+        scales, codes = q3_search(xs)
         scales = scales.view(b, 16)
         vmax = signed_absmax(scales, 1)[1]
         nz = vmax != 0
@@ -461,13 +585,13 @@ def quantize_q3_k(x: Tensor, imp: Tensor | None) -> Tensor:
         d = half(torch.where(nz, fdiv(1.0, torch.where(nz, iscale, 1.0)), 0.0))
         ls = torch.where(nz.unsqueeze(-1), ls, 0.0)
     else:
-        sigma2 = (2 * (x * x).sum(-1) / QK_K).repeat_interleave(16)
-        w = importance_weights(xt, columns(imp, 16), sigma2)
-        scales, codes = make_qx_quants(xt, 4, w)
-        d_block, ls = make_qx_quants(scales.view(b, 16).t().contiguous(), 32, w.sum(0).view(b, 16).t().contiguous())
-        d, ls = half(d_block), ls.t()
-    q = requantize(xt, _sub_scales(d, ls, 32), None, codes, -4, 3).reshape(b, QK_K).to(torch.uint8)
-    return torch.cat([bit_planes(q >> 2, 8), pack_2bit(q & 3), pack_scales_q3(ls), half_bytes(d)], 1)
+        w = importance_weights(x, imp, 2.0).view(-1, 16)
+        scales, codes = qx_search(xs, 4, w)
+        d_block, ls = qx_search(scales.view(b, 16), 32, row_sums(w).view(b, 16))
+        d = half(d_block)
+    q = words(requantize(xs, _sub_scales(d, ls, 32), None, codes, -4, 3).view(b, QK_K))
+    hmask, low = as_bytes((q >> 2) & 0x01010101, QK_K), as_bytes(q & 0x03030303, QK_K)
+    return torch.cat([bit_planes(hmask, 8), pack_2bit(low), pack_scales_q3(ls), half_bytes(d)], 1)
 
 
 def dequantize_q3_k(blocks: Tensor) -> Tensor:
@@ -485,25 +609,22 @@ def dequantize_q3_k(blocks: Tensor) -> Tensor:
 # ---- Q4_K / Q5_K -----------------------------------------------------------------------------------
 def _quantize_k_scale_min(x: Tensor, imp: Tensor | None, nmax: int, rmin: float, nstep: int
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Shared Q4_K/Q5_K search: x [B, 256] → (codes [B, 256], ls [B, 8], lm [B, 8], d f16 [B], dmin f16 [B])."""
+    """Shared Q4_K/Q5_K search: x [B, 256] → (codes uint8 [B, 256], ls [B, 8], lm [B, 8], d f16 [B], dmin f16 [B])."""
     b = x.shape[0]
-    xt = columns(x, 32)
+    xs = x.reshape(-1, 32)
     if imp is None:
-        av_x = torch.sqrt((xt * xt).sum(0) / 32)
-        w = xt.abs().add_(av_x)
-        scales, mins, codes = make_qkx_quants(xt, w, nmax, rmin, 0.1, nstep, use_mad=False)
+        scales, mins, codes = qkx_search(xs, None, nmax, rmin, 0.1, nstep, use_mad=False)  # weights rms + |x|
         scales, mins = scales.view(b, 8), mins.view(b, 8)
         ls, d = _code_scales(scales, _super_max(scales), 63)
         lm, dmin = _code_scales(mins, _super_max(mins), 63)
     else:
-        sigma2 = (2 * (x * x).sum(-1) / QK_K).repeat_interleave(8)
-        w = importance_weights(xt, columns(imp, 32), sigma2)
-        scales, mins, codes = make_qkx_quants(xt, w, nmax, -0.9, 0.05, 36, use_mad=False)
-        sw = w.sum(0).view(b, 8)
-        d_block, ls = _qp(scales.view(b, 8), 63, sw)
-        m_block, lm = _qp(mins.view(b, 8), 63, sw)
+        w = importance_weights(x, imp, 2.0).view(-1, 32)
+        scales, mins, codes = qkx_search(xs, w, nmax, -0.9, 0.05, 36, use_mad=False)
+        sw = row_sums(w).view(b, 8)
+        d_block, ls = qp_search(scales.view(b, 8), 63, sw)
+        m_block, lm = qp_search(mins.view(b, 8), 63, sw)
         d, dmin = half(d_block), half(m_block)
-    q = requantize(xt, _sub_scales(d, ls), _sub_scales(dmin, lm), codes, 0, nmax).reshape(b, QK_K)
+    q = requantize(xs, _sub_scales(d, ls), _sub_scales(dmin, lm), codes, 0, nmax).view(b, QK_K)
     return q, ls, lm, d, dmin
 
 
@@ -516,9 +637,10 @@ def quantize_q4_k(x: Tensor, imp: Tensor | None) -> Tensor:
 def quantize_q5_k(x: Tensor, imp: Tensor | None) -> Tensor:
     """Super-blocks x [B, 256] → Q5_K bytes [B, 176]: as Q4_K with a 5th bit plane."""
     q, ls, lm, d, dmin = _quantize_k_scale_min(x, imp, 31, -0.5, 15)
-    qb = q.to(torch.uint8)
-    return torch.cat([half_bytes(d), half_bytes(dmin), pack_scale_min_k4(ls, lm), bit_planes(qb >> 4, 8),
-                      pack_nibbles_k(qb & 0x0F)], 1)
+    qw = words(q)
+    high, low = as_bytes((qw >> 4) & 0x01010101, QK_K), as_bytes(qw & 0x0F0F0F0F, QK_K)
+    return torch.cat([half_bytes(d), half_bytes(dmin), pack_scale_min_k4(ls, lm), bit_planes(high, 8),
+                      pack_nibbles_k(low)], 1)
 
 
 def _dequantize_k_scale_min(blocks: Tensor, q: Tensor) -> Tensor:
@@ -545,9 +667,9 @@ def dequantize_q5_k(blocks: Tensor) -> Tensor:
 def quantize_q6_k(x: Tensor, imp: Tensor | None) -> Tensor:
     """Super-blocks x [B, 256] → Q6_K bytes [B, 210]: 16 sub-blocks of 16, 6-bit codes, int8 scales."""
     b = x.shape[0]
-    xt = columns(x, 16)
-    w = xt * xt if imp is None else columns(imp, 16)  # llama.cpp weighs Q6_K by the raw importance
-    scales, codes = make_qx_quants(xt, 32, w)
+    xs = x.reshape(-1, 16)
+    # weights x² (None) or, as llama.cpp does for Q6_K, the raw importance
+    scales, codes = qx_search(xs, 32, None if imp is None else imp.reshape(-1, 16))
     scales = scales.view(b, 16)
     amax, vmax = signed_absmax(scales, 1)
     live = amax >= GROUP_MAX_EPS
@@ -555,12 +677,15 @@ def quantize_q6_k(x: Tensor, imp: Tensor | None) -> Tensor:
     d = half(torch.where(live, fdiv(1.0, iscale), 0.0))
     ls = torch.round(iscale.unsqueeze(-1) * scales).clamp_(max=127)
     ls = torch.where(live.unsqueeze(-1), ls, 0.0)
-    q = requantize(xt, _sub_scales(d, ls), None, codes, -32, 31).reshape(b, QK_K).to(torch.uint8)
-    q = q.masked_fill_(~live.unsqueeze(-1), 0).reshape(b, 2, 4, 32)  # an all-zero super-block is all zero bytes
-    low, high = q & 0x0F, q >> 4
-    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2).reshape(b, 128)
-    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(b, 64)
-    return torch.cat([ql, qh, ls.to(torch.int8).view(torch.uint8), half_bytes(d)], 1)
+    q = words(requantize(xs, _sub_scales(d, ls), None, codes, -32, 31).view(b, QK_K)).view(b, 2, 4, 8)
+    low, high = q & 0x0F0F0F0F, (q >> 4) & 0x03030303
+    ql = as_bytes(torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2), 128)
+    qh = as_bytes(high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6), 64)
+    out = torch.cat([ql, qh, ls.to(torch.int8).view(torch.uint8), half_bytes(d)], 1)
+    dead = (~live).nonzero().squeeze(1)
+    if dead.numel():
+        out[dead] = 0  # an all-zero super-block is all zero bytes, as llama.cpp writes it
+    return out
 
 
 def dequantize_q6_k(blocks: Tensor) -> Tensor:

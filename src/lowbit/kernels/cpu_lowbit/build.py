@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("lowbit_cpu.cpp", "gemm_scalar.cpp", "gemm_avx2.cpp", "gemm_avx2_vnni.cpp", "gemm_avx512.cpp")
+SOURCES = ("lowbit_cpu.cpp", "gemm_scalar.cpp", "gemm_avx2.cpp", "gemm_avx2_vnni.cpp", "gemm_avx512.cpp",
+           "gguf_search.cpp")
 HEADERS = ("kernels.h", "common.h", "gemm_avx2_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-std=c++17", "-Wno-unused-function")
 LDFLAGS = ("-fopenmp",)
