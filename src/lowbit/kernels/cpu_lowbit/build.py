@@ -54,9 +54,19 @@ def load_library(verbose: bool = False) -> str:
 
     if shutil.which((os.environ.get("CXX") or "c++").split()[0]) is None:
         raise BuildError("no C++ compiler found (set CXX or install g++/clang++) to build the lowbit CPU kernels")
+    name = extension_name()
+    try:
+        built = (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # a private torch helper: if it moves, just say nothing
+        built = True
+    if not built and not verbose:  # a first-time cost: say so rather than sit silent for minutes
+        import sys
+
+        print("lowbit: compiling the C++ CPU kernels (once per machine and lowbit version, 1-3 minutes) ...",
+              file=sys.stderr, flush=True)
     try:
         path = cpp_extension.load(
-            name=extension_name(),
+            name=name,
             sources=[str(CSRC / name) for name in SOURCES],
             extra_cflags=list(CFLAGS),
             extra_ldflags=list(LDFLAGS),
