@@ -83,22 +83,58 @@ def block_bpw(path: Path) -> tuple[float, int]:
 
 
 def report(rows: list[dict]) -> None:
-    """The table, then each plan against llama.cpp's types of the same or larger block size."""
+    """The table, then each plan against llama.cpp's types of the same or larger file size."""
     print("\n| model | block bpw | block MB | file MB | ppl |\n|---|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["block_bpw"], r["model"])):
         print(f"| {r['model']} | {r['block_bpw']:.3f} | {r['block_bytes'] / 1e6:.3f} | {r['bytes'] / 1e6:.3f} | "
               f"{r['ppl']:.4f} |")
     print("\nplans vs llama.cpp's types (stock: token_embd quantized as llama.cpp chooses) by whole-file size:")
     theirs = [r for r in rows if r["model"].startswith("llama.cpp") and not r.get("embedding_f16")]
-    for r in (r for r in rows if r["model"].startswith("lowbit plan")):
+    for r in (r for r in rows if r["model"].startswith("lowbit")):
         larger = sorted((t for t in theirs if t["bytes"] >= r["bytes"]), key=lambda t: t["bytes"])
         if not larger:
             print(f"  {r['model']:26s} ppl {r['ppl']:.4f}: no llama.cpp type is as large ({r['bytes'] / 1e6:.3f} MB)")
             continue
         nxt = larger[0]
+        if r.get("gguf_plan_for"):  # compared with the type whose size it was planned for
+            nxt = next(t for t in theirs if t["model"] == r["gguf_plan_for"])
         verdict = "at or below" if r["ppl"] <= nxt["ppl"] else "ABOVE"
         print(f"  {r['model']:26s} {r['bytes'] / 1e6:.3f} MB ppl {r['ppl']:.4f} | next larger file {nxt['model']} "
               f"({nxt['bytes'] / 1e6:.3f} MB): {nxt['ppl']:.4f} ({100 * (r['ppl'] / nxt['ppl'] - 1):+.2f} %) {verdict}")
+
+
+def gguf_plans(args: argparse.Namespace, root: Path, cache_dir: Path, tok, calib: CalibConfig, windows, rows,
+               float_gguf_bytes: int, add) -> None:
+    """Plans over GGUF block types at each llama.cpp type's file size, exported and scored by llama.cpp itself."""
+    from lowbit.models.build import output_head_name
+
+    float_model = load("builtin:tiny-lm")
+    cands = parse_candidates(args.gguf_candidates, "rtn")
+    tag = hashlib.sha256(args.gguf_candidates.encode()).hexdigest()[:8]
+    measurement, hit = measure_model(float_model, tok, "builtin:tiny-lm", method="rtn", calib=calib,
+                                     candidates=cands, kl_samples=args.kl_samples,
+                                     cache=cache_dir / f"tiny-lm-gguf-{args.calib_samples}-kl{args.kl_samples}-{tag}"
+                                                       ".measure.json")
+    print(f"# gguf measurement: {measurement.seconds:.0f} s{' (cached)' if hit else ''}", flush=True)
+    head = output_head_name(float_model)
+    for theirs in [r for r in rows if r.get("type") and not r.get("embedding_f16")]:
+        payload = theirs["bytes"] - float_gguf_bytes  # what the llama.cpp file spends on the planned tensors
+        try:
+            plan = make_plan(measurement, budget_bytes=measurement.float_bytes + payload)
+        except Exception as exc:  # a budget below every plan
+            print(f"# no GGUF plan within {theirs['model']}'s size: {exc}")
+            continue
+        out = root / f"plan-{theirs['type']}.gguf"
+        export_gguf("builtin:tiny-lm", out, type="q8_0", tensor_plan=plan.gguf_types, show_progress=False,
+                    overwrite=True)
+        types = plan.gguf_types or {}
+        blocks = [n for n in types if n != head]
+        bpw, nbytes = block_bpw(out)
+        add({"model": f"lowbit GGUF plan @ {theirs['type']} size", "block_bpw": bpw, "block_bytes": nbytes,
+             "bytes": out.stat().st_size, "ppl": llama_cpp_ppl(open_llama(llama_cpp, out, args.seq_len), windows),
+             "scorer": "llama.cpp", "gguf_plan_for": theirs["model"], "head_type": types.get(head),
+             "spec_counts": plan.summary()["spec_counts"], "planned_blocks": len(blocks)})
+        out.unlink()
 
 
 def main() -> None:
@@ -110,6 +146,9 @@ def main() -> None:
     ap.add_argument("--inputs", default="float", choices=("float", "reference"),
                     help="what each block's measurement sees: the float model's activations or the earlier blocks "
                          "quantized at their reference candidates")
+    ap.add_argument("--gguf-candidates", default="q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0",
+                    help="also plan over these GGUF block types at each llama.cpp type's file size, export the plans "
+                         "and score them with llama.cpp ('' to skip)")
     ap.add_argument("--kl-samples", type=int, default=8, help="calibration windows of each layer's KL check")
     ap.add_argument("--candidates", default=None, help="comma-separated candidate formats (default: the method's list)")
     ap.add_argument("--targets", default="3.0,3.5,4.0,4.5")
@@ -186,6 +225,8 @@ def main() -> None:
                      "ppl": lowbit_ppl(model, windows), "scorer": "lowbit", "predicted_kl": s["predicted_error"],
                      "spec_counts": s["spec_counts"]})
             print(f"# {method}: {time.perf_counter() - start:.0f} s", flush=True)
+        if args.gguf_candidates:
+            gguf_plans(args, root, cache_dir, tok, calib, windows, rows, float_gguf_bytes, add)
 
     report(rows)
     if args.json:

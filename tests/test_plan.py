@@ -328,3 +328,63 @@ def test_plan_api_on_a_conv1d_model(tmp_path: Path) -> None:
     got = {n: mod.spec for n, mod in quantized.named_modules() if isinstance(mod, QuantLinear)}
     assert got == plan.layer_specs
     assert sum(mod.weight.nbytes for mod in quantized.modules() if isinstance(mod, QuantLinear)) == plan.solution.cost
+
+
+# ---- GGUF block types as candidates: plan → lowbit export --plan → llama.cpp ---------------------
+def test_gguf_candidate_names_and_errors(tmp_path: Path) -> None:
+    from lowbit.plan.measure import GGUFCandidate, candidate_from_dict
+    from lowbit.plan.recipe_out import read_gguf_plan, write_gguf_plan
+
+    cands = parse_candidates("q4_k, Q6_K,q8_0", "rtn")
+    assert cands == [GGUFCandidate("Q4_K"), GGUFCandidate("Q6_K"), GGUFCandidate("Q8_0")]
+    assert [candidate_from_dict(c.to_dict(), "x") for c in cands] == cands
+    with pytest.raises(InvalidSpecError, match="mix GGUF block types and lowbit formats"):
+        parse_candidates("q4_k,int4-g32-asym", "rtn")
+    with pytest.raises(InvalidSpecError, match="--method rtn"):
+        parse_candidates("q4_k,q6_k", "gptq")
+    types = {"model.layers.0.mlp.down_proj": "q6_k", "lm_head": "q4_k"}
+    assert read_gguf_plan(write_gguf_plan(types, tmp_path / "p.yaml", ["a comment"])) == types
+    (tmp_path / "r.yaml").write_text("default: {format: int}\nmethod: rtn\n")
+    with pytest.raises(InvalidSpecError, match="lowbit quantize --recipe"):
+        read_gguf_plan(tmp_path / "r.yaml")
+    (tmp_path / "bad.yaml").write_text("format: lowbit-gguf-plan\ntensor_types: {lm_head: q7_k}\n")
+    with pytest.raises(InvalidSpecError, match="not a GGUF block type"):
+        read_gguf_plan(tmp_path / "bad.yaml")
+
+
+def test_gguf_plan_exports_and_runs_in_llama_cpp(llama_cpp_module, tmp_path: Path, capsys) -> None:
+    """A plan over GGUF types is written as per-tensor types; `lowbit export --plan` writes exactly those
+    (the tied head as token_embd), and llama.cpp's perplexity matches the plan's verification."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_support import gguf_tensor_types, llama_cpp_ppl, open_llama, token_windows
+    from lowbit.cli import main
+    from lowbit.eval.perplexity import read_text, tokenize_text
+    from lowbit.models.resolve import builtin_dir
+    from lowbit.plan.recipe_out import read_gguf_plan
+
+    r = _plan_cli(["builtin:tiny-lm", "--candidates", "q4_k,q5_k,q6_k,q8_0", "--target-bpw", "5.0", "-o",
+                   str(tmp_path / "g.yaml"), "--verify", "--json", "--quiet", *CALIB], capsys)
+    assert 4.8 < r["bits_per_weight"] <= 5.0 and r["verify"]["size_bytes"] == r["size_bytes"]
+    types = read_gguf_plan(tmp_path / "g.yaml")
+    assert len(types) == 29 and "lm_head" in types and len(set(types.values())) >= 2
+    assert "lowbit export builtin:tiny-lm --format gguf --plan" in (tmp_path / "g.yaml").read_text()
+    assert main(["export", "builtin:tiny-lm", "--format", "gguf", "--plan", str(tmp_path / "g.yaml"), "-o",
+                 str(tmp_path / "g.gguf"), "--json", "--quiet"]) == 0
+    written = gguf_tensor_types(tmp_path / "g.gguf")
+    assert written["token_embd.weight"] == types["lm_head"].upper() and "output.weight" not in written
+    assert written["blk.3.ffn_down.weight"] == types["model.layers.3.mlp.down_proj"].upper()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(builtin_dir("tiny-lm")))
+    windows = token_windows(tokenize_text(tok, read_text(builtin_dir("tiny-lm") / "eval.txt")), 256)
+    theirs = llama_cpp_ppl(open_llama(llama_cpp_module, tmp_path / "g.gguf", 256), windows)
+    assert abs(theirs / r["verify"]["ppl"] - 1) < 0.01, (theirs, r["verify"]["ppl"])
+    from lowbit.io.gguf.writer import export_gguf
+
+    with pytest.raises(InvalidSpecError, match="float type"):
+        export_gguf("builtin:tiny-lm", tmp_path / "f.gguf", type="f16", tensor_plan=types, show_progress=False)
+    with pytest.raises(InvalidSpecError, match="not a module of this model"):
+        export_gguf("builtin:tiny-lm", tmp_path / "x.gguf", tensor_plan={"model.layers.9.mlp.up_proj": "q4_k"},
+                    show_progress=False)

@@ -26,6 +26,9 @@ def add_parser(sub: Any, common: Any) -> None:
                    help=f"GGUF type: {', '.join(MIXES)} (default: q4_k_m)")
     x.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
                    help="per-tensor override searched in GGUF tensor names, e.g. attn_v=q8_0 (repeatable)")
+    x.add_argument("--plan", default=None, metavar="PLAN.yaml",
+                   help="per-tensor GGUF block types chosen by `lowbit plan --candidates q3_k,q4_k,…` (the planned "
+                        "tensors get exactly those; others follow --type)")
     x.add_argument("--calib", default=None, metavar="DATA",
                    help="importance-weighted rounding: measure each layer's input importance on DATA (text, "
                         ".jsonl, directory, saved dataset, or 'builtin') — what llama.cpp's imatrix does")
@@ -50,9 +53,14 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.calib:
         calib = CalibConfig(source="builtin" if args.calib == "builtin" else args.calib,
                             samples=args.calib_samples, seq_len=args.calib_seq_len)
+    tensor_plan = None
+    if args.plan:
+        from lowbit.plan.recipe_out import read_gguf_plan
+
+        tensor_plan = read_gguf_plan(args.plan)
     report = export_gguf(args.model, args.out, type=args.type or "q4_k_m", calib=calib,
                          tensor_types=args.tensor_type, code_map=args.code_map, overwrite=args.overwrite,
-                         show_progress=not args.quiet)
+                         show_progress=not args.quiet, tensor_plan=tensor_plan)
     if not args.json:
         types = ", ".join(f"{k} ×{v}" for k, v in sorted(report.types.items()))
         print(f"wrote {report.out}: {report.file_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits/weight "

@@ -69,9 +69,9 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.algorithms.calib_data import CalibConfig
     from lowbit.io.checkpoint import load
     from lowbit.memory import parse_size
-    from lowbit.plan.measure import parse_candidates, write_json_atomic
+    from lowbit.plan.measure import is_gguf, parse_candidates, write_json_atomic
     from lowbit.plan.planner import make_plan, measure_model
-    from lowbit.plan.recipe_out import check_recipe_targets, sibling, write_recipe
+    from lowbit.plan.recipe_out import check_recipe_targets, sibling, write_gguf_plan, write_recipe
     from lowbit.quantize import load_tokenizer
 
     start = time.perf_counter()
@@ -91,6 +91,9 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidSpecError("--max-kl bounds the predicted KL, which needs --weighting kl (use --max-error)")
     if args.save_model and not args.verify:
         raise InvalidSpecError("--save-model saves the --verify model; add --verify")
+    if args.save_model and is_gguf(parse_candidates(args.candidates, args.method)):
+        raise InvalidSpecError("--save-model: a GGUF plan is applied by lowbit export --format gguf --plan, not saved "
+                               "as a lowbit model")
     budget = parse_size(args.budget) if args.budget is not None else None
     candidates = parse_candidates(args.candidates, args.method)
     calib = CalibConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_field)
@@ -105,9 +108,13 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
         reuse=not args.remeasure, head=not args.float_head, show_progress=not args.quiet)
     max_error = args.max_kl if args.max_kl is not None else args.max_error
     plan = make_plan(measurement, target_bpw=args.target_bpw, budget_bytes=budget, max_error=max_error)
-    check_recipe_targets(model, plan.recipe, plan.layer_specs)
     summary = plan.summary()
-    write_recipe(plan.recipe, recipe_path, _header(args, summary, recipe_path, pareto_path, cache_path))
+    header = _header(args, summary, recipe_path, pareto_path, cache_path, gguf=plan.recipe is None)
+    if plan.recipe is None:  # GGUF block types: per-tensor types for lowbit export --plan
+        write_gguf_plan(plan.gguf_types or {}, recipe_path, header, model=args.model)
+    else:
+        check_recipe_targets(model, plan.recipe, plan.layer_specs)
+        write_recipe(plan.recipe, recipe_path, header)
     if args.verify:
         plan.extra["verify"] = _verify(args, model, plan, tokenizer, calib)
     write_json_atomic(pareto_path, plan.pareto_json())
@@ -129,8 +136,12 @@ def _verify(args: argparse.Namespace, model: Any, plan: Any, tokenizer: Any, cal
 
     path = builtin_dir("tiny-lm") / "eval.txt" if args.ppl == "builtin" else Path(args.ppl)
     ids = tokenize_text(tokenizer, read_text(path))
-    report, quantized = verify_plan(args.model, model, plan.recipe, tokenizer, ids, calib=calib, seq_len=args.seq_len,
+    recipe = plan.recipe if plan.recipe is not None else plan.gguf_types
+    report, quantized = verify_plan(args.model, model, recipe, tokenizer, ids, calib=calib, seq_len=args.seq_len,
                                     device=args.device, show_progress=not args.quiet)
+    if report["bits_per_weight"] is None:  # a GGUF plan: its sizes are the plan's (exact block bytes)
+        summary = plan.summary()
+        report["bits_per_weight"], report["size_bytes"] = summary["bits_per_weight"], summary["size_bytes"]
     report["text"] = str(path)
     report["predicted_error"] = plan.solution.error
     if plan.measurement.weighting == "kl":
@@ -144,7 +155,8 @@ def _verify(args: argparse.Namespace, model: Any, plan: Any, tokenizer: Any, cal
     return report
 
 
-def _header(args: argparse.Namespace, summary: dict[str, Any], recipe: Path, pareto: Path, cache: Path) -> list[str]:
+def _header(args: argparse.Namespace, summary: dict[str, Any], recipe: Path, pareto: Path, cache: Path,
+            gguf: bool = False) -> list[str]:
     calib = ""
     if args.method == "gptq":  # GPTQ's result depends on the calibration data: give quantize the same
         calib = (f" --calib {args.calib} --calib-samples {args.calib_samples} --calib-seq-len {args.calib_seq_len}"
@@ -154,7 +166,8 @@ def _header(args: argparse.Namespace, summary: dict[str, Any], recipe: Path, par
     return [f"lowbit plan {args.model} (method {args.method}, weighting {args.weighting})",
             f"{summary['bits_per_weight']:.4f} bits/weight over {summary['layers']} layers, "
             f"{summary['size_bytes']} bytes in all; {error}",
-            f"apply: lowbit quantize {args.model} --recipe {recipe} -o OUT{calib}",
+            (f"apply: lowbit export {args.model} --format gguf --plan {recipe} -o OUT.gguf" if gguf else
+             f"apply: lowbit quantize {args.model} --recipe {recipe} -o OUT{calib}"),
             f"Pareto front: {pareto}; measurement: {cache}"]
 
 

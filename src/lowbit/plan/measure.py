@@ -59,9 +59,74 @@ DEFAULT_CANDIDATES: dict[str, tuple[str, ...]] = {
 }
 
 
-# ---- candidate names ----------------------------------------------------------------------
-def parse_candidates(text: str | list[str] | tuple[str, ...] | None, method: str) -> list[QuantSpec]:
-    """Candidate specs from comma-separated names (None: the method's default list), checked for ``method``."""
+# ---- candidates -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGUFCandidate:
+    """A GGUF block type (``q4_k``, ``q6_k``, ``q8_0`` …) as a plan candidate: measured with lowbit's
+    byte-exact llama.cpp quantizer; a plan of them is applied by ``lowbit export --format gguf --plan``."""
+
+    qtype: str  # "Q4_K"
+
+    def describe(self) -> str:
+        return self.qtype.lower()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gguf": self.qtype}
+
+
+Candidate = QuantSpec | GGUFCandidate
+GGUF_CANDIDATES = ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0")
+
+
+class GGUFWeight:
+    """A weight stored as GGUF blocks: what the measurement needs of it (bytes, dequantized values)."""
+
+    def __init__(self, qtype: str, data: torch.Tensor, shape: tuple[int, int]) -> None:
+        self.qtype, self.data, self.shape = qtype, data, shape
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, qtype: str, name: str = "weight") -> "GGUFWeight":
+        from lowbit.io.gguf import quants
+
+        return cls(qtype, quants.quantize(weight, qtype, name=name), (int(weight.shape[0]), int(weight.shape[1])))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from lowbit.io.gguf import quants
+
+        return quants.dequantize(self.data, self.qtype, self.shape).to(dtype)
+
+    def to(self, device: Any) -> "GGUFWeight":
+        return self
+
+
+def is_gguf(candidates: list[Candidate]) -> bool:
+    """Whether the candidates are GGUF block types (a list is all of one kind: the plan's output differs)."""
+    return bool(candidates) and isinstance(candidates[0], GGUFCandidate)
+
+
+def candidate_from_dict(d: dict[str, Any], where: str) -> Candidate:
+    if "gguf" in d:
+        return parse_gguf_candidate(str(d["gguf"]), where)
+    return QuantSpec.from_dict(d["spec"], where)
+
+
+def parse_gguf_candidate(name: str, where: str = "candidate") -> GGUFCandidate:
+    if name.strip().lower() not in GGUF_CANDIDATES:
+        raise InvalidSpecError(f"{where}: {name!r} is not a GGUF block type; choose from {', '.join(GGUF_CANDIDATES)}")
+    return GGUFCandidate(name.strip().upper())
+
+
+def parse_candidates(text: str | list[str] | tuple[str, ...] | None, method: str) -> list[Candidate]:
+    """Candidates from comma-separated names (None: the method's default list), checked for ``method``.
+
+    Names are lowbit formats (``int3-g64-asym-dq``, ``nf4-b64`` …: a plan → a recipe for ``lowbit quantize``)
+    or GGUF block types (``q3_k,q4_k,q6_k`` …, method rtn: a plan → per-tensor types for ``lowbit export``);
+    one kind per list.
+    """
     if method not in PLAN_METHODS:
         raise InvalidSpecError(f"plan: method {method!r} is not supported; choose one of {', '.join(PLAN_METHODS)}")
     if text is None:
@@ -70,14 +135,24 @@ def parse_candidates(text: str | list[str] | tuple[str, ...] | None, method: str
         names = [n for n in (s.strip() for s in text.split(",")) if n]
     else:
         names = [str(n) for n in text]
-    specs: list[QuantSpec] = []
+    specs: list[Candidate] = []
     for name in names:
-        spec = parse_spec_name(name)
+        spec = (parse_gguf_candidate(name) if name.strip().lower() in GGUF_CANDIDATES
+                else parse_spec_name(name))
         if spec not in specs:
             specs.append(spec)
     if not specs:
         raise InvalidSpecError("plan: the candidate list is empty")
+    if len({isinstance(s, GGUFCandidate) for s in specs}) > 1:
+        raise InvalidSpecError("plan: candidates mix GGUF block types and lowbit formats; a plan is either a recipe "
+                               "for lowbit quantize or per-tensor GGUF types for lowbit export — give one kind")
+    if is_gguf(specs):
+        if method != "rtn":
+            raise InvalidSpecError(f"GGUF candidates are quantized the way llama.cpp does it (--method rtn), "
+                                   f"not {method}")
+        return specs
     for spec in specs:
+        assert isinstance(spec, QuantSpec)
         if method == "gptq" and (spec.format != "int" or spec.granularity == "tensor"):
             raise InvalidSpecError(f"candidate {spec.describe()}: GPTQ quantizes int formats with per-channel or "
                                    "per-group scales only (a recipe has one method); drop it or use --method rtn")
@@ -132,7 +207,7 @@ class Measurement:
     """
 
     provenance: dict[str, Any]
-    candidates: list[QuantSpec]
+    candidates: list[Candidate]
     layers: list[LayerMeasurement]
     float_bytes: int
     weighting: str                         # "kl": predicted errors are KL (nats/token); "relative": Σ rel_error
@@ -149,7 +224,8 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": MEASURE_FORMAT, "version": MEASURE_VERSION, "provenance": self.provenance,
-                "candidates": [{"name": s.describe(), "spec": s.to_dict()} for s in self.candidates],
+                "candidates": [{"name": s.describe(), **({"spec": s.to_dict()} if isinstance(s, QuantSpec)
+                                                                   else s.to_dict())} for s in self.candidates],
                 "float_bytes": self.float_bytes, "weighting": self.weighting, "seconds": round(self.seconds, 3),
                 "extra": self.extra, "layers": [layer.to_dict() for layer in self.layers]}
 
@@ -160,8 +236,7 @@ class Measurement:
         if d.get("version") != MEASURE_VERSION:
             raise CorruptFileError(f"{where}: measurement version {d.get('version')!r}, expected {MEASURE_VERSION}")
         try:
-            candidates = [QuantSpec.from_dict(c["spec"], f"{where}: candidates[{i}]")
-                          for i, c in enumerate(d["candidates"])]
+            candidates = [candidate_from_dict(c, f"{where}: candidates[{i}]") for i, c in enumerate(d["candidates"])]
             layers = [LayerMeasurement.from_dict(x) for x in d["layers"]]
             m = cls(dict(d["provenance"]), candidates, layers, int(d["float_bytes"]), str(d["weighting"]),
                     float(d.get("seconds", 0.0)), dict(d.get("extra") or {}))
@@ -240,6 +315,17 @@ def layer_quantizer(method: str, options: dict[str, Any] | None = None
     from lowbit.recipe import QuantRecipe
 
     config = method_config(QuantRecipe(QuantSpec(), method, options=tuple(sorted((options or {}).items()))))
+
+    def quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, name: str) -> Any:
+        if isinstance(spec, GGUFCandidate):
+            return GGUFWeight.from_float(w, spec.qtype, name)
+        return plain(w, h, spec, name)
+
+    plain = _layer_quantizer(method, config)
+    return quantize
+
+
+def _layer_quantizer(method: str, config: Any) -> Callable[[torch.Tensor, torch.Tensor, QuantSpec, str], QuantizedWeight]:
     if method == "gptq":
         from lowbit.algorithms.gptq import gptq_quantize
 
@@ -287,7 +373,7 @@ def measure_layer(weight: torch.Tensor, hessian: torch.Tensor, candidates: list[
 def _quantize_or_none(quantizer: Callable[[torch.Tensor, torch.Tensor, QuantSpec, str], QuantizedWeight],
                       w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeight | None:
     """The quantized weight, or None when the candidate does not fit the layer's shape."""
-    if spec.granularity == "group" and w.shape[1] % spec.group_size:
+    if getattr(spec, "granularity", None) == "group" and w.shape[1] % spec.group_size:
         return None
     try:
         return quantizer(w, hessian, spec, name)

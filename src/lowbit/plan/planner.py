@@ -20,7 +20,8 @@ from lowbit.algorithms.calib_data import CalibConfig
 from lowbit.errors import CorruptFileError, InvalidSpecError
 from lowbit.formats.spec import QuantSpec
 from lowbit.plan import sensitivity as sens
-from lowbit.plan.measure import (Measurement, measure_layers, model_fingerprint, parse_candidates, tensor_hash)
+from lowbit.plan.measure import (GGUFWeight, Measurement, is_gguf, measure_layers, model_fingerprint, parse_candidates,
+                                 tensor_hash)
 from lowbit.plan.recipe_out import plan_recipe
 from lowbit.plan.solve import Solution, pareto_hull, solve_budget, solve_error_bound, thin
 from lowbit.recipe import DEFAULT_SKIP, QuantRecipe
@@ -145,11 +146,18 @@ class Plan:
     solution: Solution
     front: list[Solution]
     target: dict[str, Any]
-    recipe: QuantRecipe
+    recipe: QuantRecipe | None             # None for GGUF candidates: see gguf_types
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def layer_specs(self) -> dict[str, QuantSpec]:
+    def gguf_types(self) -> dict[str, str] | None:
+        """GGUF candidates: {module name: block type} for ``lowbit export --plan`` (None for lowbit formats)."""
+        if not is_gguf(self.measurement.candidates):
+            return None
+        return {name: spec.describe() for name, spec in self.layer_specs.items()}
+
+    @property
+    def layer_specs(self) -> dict[str, Any]:
         m = self.measurement
         return {layer.name: m.candidates[k] for layer, k in zip(m.layers, self.solution.choices)}
 
@@ -257,9 +265,10 @@ def make_plan(measurement: Measurement, *, target_bpw: float | None = None, budg
         assert limit is not None
         solution = solve_budget(costs, errors, limit, max_cells=cells)
     front = pareto_hull(costs, errors)
-    recipe = plan_recipe({layer.name: m.candidates[k] for layer, k in zip(m.layers, solution.choices)},
-                         m.provenance.get("method", "rtn"), m.provenance.get("options") or {}, m.candidates,
-                         tied_head="share" if m.provenance.get("tied_head") else "untie")
+    recipe = None if is_gguf(m.candidates) else plan_recipe(
+        {layer.name: m.candidates[k] for layer, k in zip(m.layers, solution.choices)},
+        m.provenance.get("method", "rtn"), m.provenance.get("options") or {}, m.candidates,
+        tied_head="share" if m.provenance.get("tied_head") else "untie")
     return Plan(m, solution, front, target, recipe)
 
 
@@ -272,11 +281,28 @@ def quantized_bits_per_weight(model: nn.Module) -> float:
     return 8 * sum(m.weight.nbytes for m in layers) / numel if numel else 0.0
 
 
-def verify_plan(model_ref: str, reference: nn.Module, recipe: QuantRecipe, tokenizer: Any, text_ids: torch.Tensor, *,
+def gguf_plan_model(model_ref: str, gguf_types: dict[str, str]) -> nn.Module:
+    """A float copy of ``model_ref`` holding exactly the weights a GGUF written with ``gguf_types`` stores (each
+    planned layer quantized to its block type and dequantized; a tied head's type is the shared matrix's)."""
+    from lowbit.io.checkpoint import load
+    from lowbit.models.targets import float_weight, is_conv1d
+
+    model = load(model_ref)
+    with torch.no_grad():
+        for name, qtype in gguf_types.items():
+            module = model.get_submodule(name)
+            approx = GGUFWeight.from_float(float_weight(module).float(), qtype.upper(), name).dequantize()
+            module.weight.data = (approx.t().contiguous() if is_conv1d(module) else approx).to(module.weight.dtype)
+    return model
+
+
+def verify_plan(model_ref: str, reference: nn.Module, recipe: QuantRecipe | dict[str, str], tokenizer: Any,
+                text_ids: torch.Tensor, *,
                 calib: CalibConfig = CalibConfig(), seq_len: int = 256, batch_size: int = 8, device: str = "cpu",
                 show_progress: bool = False) -> tuple[dict[str, Any], nn.Module]:
-    """Quantize a fresh copy of ``model_ref`` with ``recipe`` (as ``lowbit quantize --recipe`` does) and measure it
-    against the float ``reference`` on ``text_ids`` [T]: perplexity of both, mean KL, top-1 agreement, size.
+    """Quantize a fresh copy of ``model_ref`` with ``recipe`` (as ``lowbit quantize --recipe`` does; a dict of GGUF
+    types: as ``lowbit export --plan`` rounds it) and measure it against the float ``reference`` on ``text_ids`` [T]:
+    perplexity of both, mean KL, top-1 agreement, size (a GGUF plan's: the planned bytes and the float rest).
 
     Returns (report, the quantized model).
     """
@@ -286,13 +312,17 @@ def verify_plan(model_ref: str, reference: nn.Module, recipe: QuantRecipe, token
     from lowbit.quantize import quantize
 
     start = time.perf_counter()
-    model = load(model_ref)
-    quantize(model, recipe, calibration=calib, tokenizer=tokenizer, device=device, show_progress=show_progress)
+    if isinstance(recipe, dict):
+        model = gguf_plan_model(model_ref, recipe)
+        bpw, size_bytes = None, None  # the plan's summary has the GGUF sizes
+    else:
+        model = load(model_ref)
+        quantize(model, recipe, calibration=calib, tokenizer=tokenizer, device=device, show_progress=show_progress)
+        bpw, size_bytes = round(quantized_bits_per_weight(model), 6), model_size(model).size_bytes
     model.to(next(reference.parameters()).device)
     kl = kl_divergence(model, reference, text_ids, seq_len=seq_len, batch_size=batch_size,
                        show_progress=show_progress)
-    size = model_size(model)
     return ({"ppl": kl.ppl, "ppl_float": kl.reference_ppl, "kl": kl.kl, "kl_p99": kl.kl_p99,
              "top1_agreement": kl.top1_agreement, "tokens": kl.tokens, "seq_len": seq_len,
-             "bits_per_weight": round(quantized_bits_per_weight(model), 6), "size_bytes": size.size_bytes,
+             "bits_per_weight": bpw, "size_bytes": size_bytes,
              "seconds": round(time.perf_counter() - start, 3)}, model)

@@ -91,3 +91,67 @@ def sibling(path: str | Path, suffix: str) -> Path:
     path = Path(path)
     stem = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml", ".json") else path.name
     return path.with_name(stem + suffix)
+
+
+# ---- GGUF plans: per-tensor block types for ``lowbit export --format gguf --plan`` -------------------
+GGUF_PLAN_FORMAT = "lowbit-gguf-plan"
+
+
+def write_gguf_plan(types: dict[str, str], path: str | Path, header: list[str] | tuple[str, ...] = (),
+                    model: str | None = None) -> Path:
+    """Write ``{module name: GGUF block type}`` as a plan file (YAML or JSON, atomically; checked on read-back)."""
+    import json
+
+    from lowbit.plan.measure import write_text_atomic
+
+    path = Path(path)
+    data = {"format": GGUF_PLAN_FORMAT, "version": 1, "model": model, "tensor_types": dict(types)}
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(data, sort_keys=False, width=120)
+    else:
+        text = json.dumps(data, indent=1) + "\n"
+
+    def check(tmp: Path) -> None:
+        if read_gguf_plan(tmp) != types:
+            raise InvalidSpecError(f"{path}: the written plan does not read back as the planned one")
+
+    write_text_atomic(path, text, check)
+    return path
+
+
+def read_gguf_plan(path: str | Path) -> dict[str, str]:
+    """{module name: GGUF block type (lower case)} from a plan file written by :func:`write_gguf_plan`."""
+    import json
+
+    from lowbit.plan.measure import GGUF_CANDIDATES
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidSpecError(f"{path}: cannot read the GGUF plan ({exc.strerror})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        raise InvalidSpecError(f"{path}: not a readable plan ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != GGUF_PLAN_FORMAT:
+        hint = " (a lowbit recipe: apply it with lowbit quantize --recipe)" if isinstance(data, dict) and \
+            "default" in data else ""
+        raise InvalidSpecError(f"{path}: not a GGUF plan (format != {GGUF_PLAN_FORMAT!r}){hint}")
+    types = data.get("tensor_types")
+    if not isinstance(types, dict) or not types:
+        raise InvalidSpecError(f"{path}: tensor_types must be a non-empty mapping of module name → GGUF type")
+    out = {}
+    for name, qtype in types.items():
+        if not isinstance(qtype, str) or qtype.lower() not in GGUF_CANDIDATES:
+            raise InvalidSpecError(f"{path}: tensor_types[{name!r}] = {qtype!r} is not a GGUF block type "
+                                   f"({', '.join(GGUF_CANDIDATES)})")
+        out[str(name)] = qtype.lower()
+    return out

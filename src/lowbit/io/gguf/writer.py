@@ -11,6 +11,7 @@ are written code for code (``from_quantized_weight``), never re-rounded.
 from __future__ import annotations
 
 import json
+import re
 import os
 import tempfile
 import time
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowbit.errors import ExportError, OutputExistsError, ShapeError
+from lowbit.errors import ExportError, InvalidSpecError, OutputExistsError, ShapeError
 from lowbit.io.gguf import arch as archmod
 from lowbit.io.gguf import mixes
 from lowbit.progress import progress
@@ -64,8 +65,8 @@ class ExportReport:
 
 def export_gguf(model: str | Path | nn.Module, out: str | Path, *, type: str = "q4_k_m",
                 calib: Any = None, tensor_types: list[str] | tuple[str, ...] = (), code_map: bool = True,
-                overwrite: bool = False, show_progress: bool = True, source_dir: str | Path | None = None
-                ) -> ExportReport:
+                overwrite: bool = False, show_progress: bool = True, source_dir: str | Path | None = None,
+                tensor_plan: dict[str, str] | None = None) -> ExportReport:
     """Write ``model`` (a path/``builtin:`` name or a loaded lowbit/transformers model) as GGUF.
 
     Args:
@@ -74,6 +75,8 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, type: str = "
             each input column's mean square on that data (llama.cpp's imatrix, measured by lowbit).
         tensor_types: ``PATTERN=TYPE`` overrides searched in GGUF tensor names (first match wins).
         code_map: write lowbit integer weights whose grid fits a GGUF type code for code.
+        tensor_plan: {module name: GGUF type} from ``lowbit plan`` with GGUF candidates: those tensors get
+            exactly those types (before ``tensor_types``; a tied head's type is token_embd's).
     """
     import gguf
 
@@ -97,6 +100,11 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, type: str = "
     table = archmod.arch_for(config, str(Path(source) / "config.json"))
     n_head, n_kv, _ = archmod.head_dims(config)
     importance = collect_importance(model, source, calib, show_progress) if calib is not None else {}
+    if tensor_plan:
+        if mixes.MIXES[mix][0] in mixes.FLOAT_TYPES:
+            raise InvalidSpecError(f"--plan gives block types; --type {type} is a float type (use e.g. q8_0 or the "
+                                   "default q4_k_m for the tensors the plan leaves out)")
+        overrides = _plan_overrides(model, tensor_plan) + overrides
     plans = plan_tensors(model, table, config, mix, overrides, code_map)
     for p in plans:
         p.importance_key = p.source if p.source in importance else None
@@ -318,6 +326,22 @@ def _add_provenance(writer: Any, model: nn.Module, mix: str, calib: Any, plans: 
     writer.add_uint32("general.lowbit.code_mapped_tensors", mapped)
     plain = {k: v for k, v in config.items() if k != "quantization_config"}
     writer.add_string("general.lowbit.hf_config", json.dumps(plain, sort_keys=True, default=str))
+
+
+def _plan_overrides(model: nn.Module, tensor_plan: dict[str, str]) -> list[tuple[re.Pattern[str], str]]:
+    """Exact-name overrides for a plan's {module name: type}; a tied head names the shared token_embd."""
+    modules = dict(model.named_modules())
+    tied_head = _head_name(model) if _is_tied(model) else None
+    out = []
+    for name, qtype in tensor_plan.items():
+        if name not in modules:
+            raise InvalidSpecError(f"the plan names {name!r}, which is not a module of this model (planned for "
+                                   "another model?)")
+        gname = "token_embd.weight" if name == tied_head else archmod.gguf_name(f"{name}.weight")
+        if gname is None:
+            raise InvalidSpecError(f"the plan names {name!r}, which has no tensor in llama.cpp's graph")
+        out.append((re.compile(f"^{re.escape(gname)}$"), qtype.upper()))
+    return out
 
 
 def _head_name(model: nn.Module) -> str | None:
