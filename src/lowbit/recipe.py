@@ -7,7 +7,6 @@ expression (``model\\.layers\\.[0-3]\\..*``).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,20 +128,9 @@ class QuantRecipe:
     @classmethod
     def load(cls, path: str | Path) -> "QuantRecipe":
         """Read a recipe from a JSON or YAML file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidSpecError(f"{path}: cannot read recipe ({exc.strerror})") from None
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
+        from lowbit.io.structured import load_json_or_yaml
 
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - JSON and YAML raise different types
-            raise InvalidSpecError(f"{path}: cannot parse recipe ({exc})") from None
+        data = load_json_or_yaml(path, "recipe")
         return cls.from_dict(data, str(path))
 
 

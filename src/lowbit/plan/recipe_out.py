@@ -123,24 +123,11 @@ def write_gguf_plan(types: dict[str, str], path: str | Path, header: list[str] |
 
 def read_gguf_plan(path: str | Path) -> dict[str, str]:
     """{module name: GGUF block type (lower case)} from a plan file written by :func:`write_gguf_plan`."""
-    import json
-
+    from lowbit.io.structured import load_json_or_yaml
     from lowbit.plan.measure import GGUF_CANDIDATES
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidSpecError(f"{path}: cannot read the GGUF plan ({exc.strerror})") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
-        raise InvalidSpecError(f"{path}: not a readable plan ({type(exc).__name__}: {exc})") from None
+    data = load_json_or_yaml(path, "the GGUF plan")
     if not isinstance(data, dict) or data.get("format") != GGUF_PLAN_FORMAT:
         hint = " (a lowbit recipe: apply it with lowbit quantize --recipe)" if isinstance(data, dict) and \
             "default" in data else ""
