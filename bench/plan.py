@@ -10,7 +10,11 @@ Rows:
   once and shared, ``tied_head: share``), as llama.cpp's types quantize token_embd; the bits per
   weight are over the blocks' linear layers and that matrix.
 
-Scoring: the plans use formats GGUF has no block type for (int2/int3, groups of 64/128, nf4), so they
+* lowbit plans over GGUF block types (``--gguf-candidates``, default q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0), one per
+  llama.cpp type, budgeted to that type's file size, written by ``lowbit export --plan`` and scored by
+  llama.cpp itself: the per-tensor mix the planner picks against llama.cpp's fixed mix, same runtime.
+
+Scoring: the lowbit-format plans use formats GGUF has no block type for (int2/int3, groups of 64/128, nf4), so they
 cannot be written code for code; re-rounding them to GGUF types would measure llama.cpp's rounding,
 not the plan. So each side is scored by its own runtime on the *same* windows of the built-in
 held-out text: llama.cpp's files by llama.cpp's logits, lowbit's models by lowbit's forward, both
