@@ -22,7 +22,8 @@ import torch
 
 from lowbit.errors import InvalidSpecError, InvalidWeightError, ShapeError
 from lowbit.io.gguf import quants_k as K
-from lowbit.io.gguf.quants_k import f32, half, half_bytes, make_qkx_quants, make_qx_quants
+from lowbit.io.gguf.quants_k import half, half_bytes, make_qkx_quants, make_qx_quants
+from lowbit.io.gguf.search_torch import f32
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType
