@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _common(g)
 
-    from lowbit.cli import export, finetune, importer, merge, plan, report
+    from lowbit.cli import export, finetune, importer, merge, plan, prune, report
 
     finetune.add_parser(sub, _common)
     merge.add_parser(sub, _common)
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_parser(sub, _common)
     report.add_parser(sub, _common)
     plan.add_parser(sub, _common)
+    prune.add_parser(sub, _common)
 
     i = sub.add_parser("info", help="describe a model directory without loading its weights")
     i.add_argument("path")
@@ -330,6 +331,12 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.prune import cmd_prune as run
+
+    return run(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.cli.plan import cmd_plan as run
 
@@ -344,7 +351,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
             "generate": cmd_generate, "finetune": cmd_finetune, "merge": cmd_merge, "export": cmd_export,
-            "import": cmd_import, "report": cmd_report, "plan": cmd_plan}
+            "import": cmd_import, "report": cmd_report, "plan": cmd_plan, "prune": cmd_prune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
