@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 from xml.sax.saxutils import escape
@@ -462,19 +460,7 @@ def write_html(data: ReportData, out: str | Path, *, overwrite: bool = False) ->
         raise OutputExistsError(f"{out}: already exists; choose another output path or pass --overwrite")
     if out.exists() and out.is_dir():
         raise OutputExistsError(f"{out}: is a directory; give a file name such as report.html")
-    text = render_html(data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from lowbit.plan.measure import write_text_atomic
+
+    write_text_atomic(out, render_html(data))  # temp sibling, fsync, 0666 less umask, rename
     return out
