@@ -34,7 +34,7 @@ def test_fake_quant_starts_at_rtn_trains_and_converts_exactly(spec):
         loss.backward()
         opt.step()
     if not spec.symmetric:  # symmetric specs: open question, see the issue note (int8 starts near optimal anyway)
-        assert float(loss) < first  # the STE/LSQ gradients reach weight and scale
+        assert float(loss.detach()) < first  # the STE/LSQ gradients reach weight and scale
     assert fq.log_scale.grad is not None and (fq.zero.grad is not None) == (not spec.symmetric)
     converted = fq.convert()
     assert isinstance(converted, QuantLinear)
@@ -107,3 +107,146 @@ def test_distillation_loss_is_the_kl():
         assert got == pytest.approx(want, rel=1e-4)
     with pytest.raises(InvalidSpecError):
         DistillTrainer(student, TrainConfig(steps=1), data, teacher, temperature=0)
+
+
+# ---- QA-LoRA: a group-wise adapter that merges into the zero-points --------------------------------------------
+def test_group_lora_trains_and_merges_onto_the_same_integer_grid():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 32)
+    spec = QuantSpec(bits=4, group_size=64, symmetric=False, zero_dtype="float16")
+    base = QuantizedWeight.from_float(lin.weight.detach(), QuantSpec(bits=4, group_size=64, symmetric=False))
+    fq = FakeQuantLinear.from_quantized(base, lin.bias.detach(), spec=spec, learn_scale=False)
+    fq.weight.requires_grad_(False)
+    assert torch.equal(fq.quantized_weight().detach(), base.dequantize())  # step 0 is the base model
+    fq.add_group_lora(4, seed=1)
+    target = torch.nn.Linear(256, 32)  # something the adapter must move towards
+    opt = torch.optim.Adam([fq.lora_A, fq.lora_B, fq.zero], 1e-2)
+    x = torch.randn(128, 256)
+    losses = []
+    for _ in range(40):
+        loss = (fq(x) - target(x)).pow(2).mean()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] and fq.lora_B.grad is not None and fq.lora_B.abs().sum() > 0
+    delta = fq.group_delta().detach()
+    assert delta.shape == (32, 4) and delta.abs().max() > 0
+    converted = fq.convert()
+    assert converted.weight.spec.float_zero
+    assert torch.equal(converted.weight.dequantize(), fq.quantized_weight().detach())  # merged exactly, bit for bit
+    # the integer codes are the base model's: the update lives in the zero-points, nothing was re-rounded
+    assert torch.equal(converted.weight.tensors["qdata"], base.tensors["qdata"])
+    with torch.no_grad():
+        assert (converted(x) - fq(x)).abs().max() <= 1e-4
+
+
+def test_group_lora_needs_groups_and_float_zeros():
+    from lowbit.compress.qat import QATConfig
+
+    lin = torch.nn.Linear(128, 16)
+    with pytest.raises(InvalidSpecError, match="QA-LoRA needs"):
+        FakeQuantLinear.from_linear(lin, QuantSpec(bits=4, group_size=64, symmetric=False)).add_group_lora(4)
+    with pytest.raises(InvalidSpecError, match="asymmetric"):
+        QATConfig(QuantSpec(bits=4, group_size=128, symmetric=True), lora_rank=8)
+    assert QATConfig(QuantSpec(bits=4, group_size=128, symmetric=False), lora_rank=8).spec.float_zero
+    with pytest.raises(InvalidSpecError, match="steps"):
+        QATConfig(QuantSpec(bits=2, group_size=64, symmetric=False), steps=0)
+
+
+# ---- block-wise QAT on the built-in LM ----------------------------------------------------------------------
+def _ppl_setup():
+    from lowbit.algorithms.calib_data import CalibConfig
+    from lowbit.eval.perplexity import read_text, tokenize_text
+    from lowbit.models.resolve import builtin_dir
+    from lowbit.quantize import load_tokenizer
+
+    tok = load_tokenizer(lowbit.load("builtin:tiny-lm"))
+    ids = tokenize_text(tok, read_text(builtin_dir("tiny-lm") / "eval.txt"))
+    return tok, ids, CalibConfig
+
+
+def _baseline(spec, method, tok, calib):
+    from lowbit.quantize import quantize
+    from lowbit.recipe import QuantRecipe
+
+    return quantize(lowbit.load("builtin:tiny-lm"), QuantRecipe(spec, method), calibration=calib, tokenizer=tok)
+
+
+def test_blockwise_qat_fast_beats_rtn_and_resumes(tmp_path):
+    """A short run (80 steps per block on 16 windows of 128): far below RTN at w2g64; a resumed run (blocks 0–1
+    from the checkpoint, 2–3 trained again) ends with exactly the uninterrupted run's model."""
+    import json
+
+    from lowbit.compress.qat import QATConfig, qat
+    from lowbit.eval.perplexity import perplexity
+
+    tok, ids, CalibConfig = _ppl_setup()
+    ids = ids[: 64 * 128]
+    calib = CalibConfig(samples=16, seq_len=128)
+    spec = QuantSpec(bits=2, group_size=64, symmetric=False)
+    config = QATConfig(spec, steps=80, batch_size=2)
+    model = lowbit.load("builtin:tiny-lm")
+    result = qat(model, config, tokenizer=tok, calib=calib, checkpoint_dir=tmp_path / "ck")
+    assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("_proj"))
+    assert all(b.loss_end < b.loss_start for b in result.blocks.values())
+    rtn = perplexity(_baseline(spec, "rtn", tok, calib), ids).ppl
+    got = perplexity(model, ids).ppl
+    assert got < 0.85 * rtn, (got, rtn)
+
+    state = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert sorted(state["blocks"]) == ["0", "1", "2", "3"]
+    state["blocks"] = {k: v for k, v in state["blocks"].items() if k in ("0", "1")}  # as if killed after block 1
+    (tmp_path / "ck" / "state.json").write_text(json.dumps(state))
+    (tmp_path / "ck" / "block-2.safetensors").unlink()
+    again = lowbit.load("builtin:tiny-lm")
+    qat(again, config, tokenizer=tok, calib=calib, checkpoint_dir=tmp_path / "ck", resume=True)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(InvalidSpecError, match="other settings"):
+        qat(lowbit.load("builtin:tiny-lm"), QATConfig(spec, steps=31), tokenizer=tok, calib=calib,
+            checkpoint_dir=tmp_path / "ck", resume=True)
+
+
+def test_cli_qat_lora_saves_a_model_that_loads(tmp_path, capsys):
+    import json
+
+    from lowbit.cli import main
+
+    out = tmp_path / "qat"
+    eval_file = tmp_path / "eval.txt"
+    from lowbit.models.resolve import builtin_dir
+
+    eval_file.write_text((builtin_dir("tiny-lm") / "eval.txt").read_text()[:4000])
+    rc = main(["qat", "builtin:tiny-lm", "--bits", "4", "--group-size", "128", "--lora", "4", "--data", "builtin",
+               "--samples", "4", "--seq-len", "64", "--steps", "3", "--eval-data", str(eval_file), "-o", str(out),
+               "--json", "--quiet"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["method"] == "qat-lora" and report["format"] == "int4-g128-asym-fz" and report["layers"] == 28
+    assert report["ppl"]["qat"] > 0 and not (out / "checkpoint").exists()
+    model = lowbit.load(out)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.weight.spec.float_zero
+    assert main(["qat", "builtin:tiny-lm", "--data", "builtin", "-o", str(out), "--quiet"]) != 0  # OUT exists
+    assert main(["qat", "builtin:tiny-lm", "--data", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x"),
+                 "--quiet"]) != 0
+    assert not (tmp_path / "x").exists()  # nothing half-made left behind
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,group,rank", [(2, 64, 0), (3, 128, 0), (4, 128, 16)], ids=["w2g64", "w3g128",
+                                                                                         "w4g128-lora"])
+def test_qat_beats_gptq_at_the_same_format(bits, group, rank):
+    """The acceptance ordering on the built-in LM: QAT (QA-LoRA at w4g128) below GPTQ, same format and data."""
+    from lowbit.compress.qat import QATConfig, qat
+    from lowbit.eval.perplexity import perplexity
+
+    tok, ids, CalibConfig = _ppl_setup()
+    calib = CalibConfig(samples=128, seq_len=256)
+    spec = QuantSpec(bits=bits, group_size=group, symmetric=False)
+    gptq = perplexity(_baseline(spec, "gptq", tok, calib), ids).ppl
+    model = lowbit.load("builtin:tiny-lm")
+    qat(model, QATConfig(spec, steps=640, lora_rank=rank, lr=1e-3 if rank else 2e-4), tokenizer=tok, calib=calib)
+    got = perplexity(model, ids).ppl
+    assert got < gptq, (got, gptq)

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _common(g)
 
-    from lowbit.cli import export, finetune, importer, merge, plan, prune, report
+    from lowbit.cli import distill, export, finetune, importer, merge, plan, prune, qat, report
 
     finetune.add_parser(sub, _common)
     merge.add_parser(sub, _common)
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(sub, _common)
     plan.add_parser(sub, _common)
     prune.add_parser(sub, _common)
+    distill.add_parser(sub, _common)
+    qat.add_parser(sub, _common)
 
     i = sub.add_parser("info", help="describe a model directory without loading its weights")
     i.add_argument("path")
@@ -337,6 +339,18 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
+def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.distill import cmd_distill as run
+
+    return run(args)
+
+
+def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.cli.qat import cmd_qat as run
+
+    return run(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.cli.plan import cmd_plan as run
 
@@ -351,7 +365,8 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
             "generate": cmd_generate, "finetune": cmd_finetune, "merge": cmd_merge, "export": cmd_export,
-            "import": cmd_import, "report": cmd_report, "plan": cmd_plan, "prune": cmd_prune}
+            "import": cmd_import, "report": cmd_report, "plan": cmd_plan, "prune": cmd_prune,
+            "distill": cmd_distill, "qat": cmd_qat}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

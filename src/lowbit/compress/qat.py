@@ -1,20 +1,44 @@
-"""Quantization-aware training: swap the linear layers for :class:`~lowbit.nn.fake_quant.FakeQuantLinear`
-(ranges from RTN or GPTQ), train with lowbit's trainer, convert to packed :class:`~lowbit.nn.QuantLinear`.
+"""Quantization-aware training: swap the linear layers for :class:`~lowbit.nn.fake_quant.FakeQuantLinear`,
+train them block by block to reproduce the float model, convert to packed :class:`~lowbit.nn.QuantLinear`.
 
-    targets = prepare_qat(model, QuantSpec.int_(2, 64, symmetric=False), init="gptq", tokenizer=tok)
-    Trainer(model, TrainConfig(steps=200, lr=1e-4), train_data).train()
-    convert_qat(model)          # exact: the packed model computes what training simulated
+    result = qat(model, QATConfig(QuantSpec.int_(2, 64, symmetric=False), steps=640), tokenizer=tok, calib=calib)
+    # model now holds packed QuantLinear layers that compute exactly what training simulated
+
+Training is block-wise reconstruction (the Block-AP phase of EfficientQAT, Chen et al. 2024): for each decoder
+block in turn, the target is the *float* block's output on the float model's hidden states, the input is the
+hidden state coming out of the already trained quantized blocks, and the loss is their mean squared difference.
+The block's weights (straight-through rounding), its learnable scales (LSQ, as log-multipliers) and zero-points
+are trained with AdamW under a cosine schedule. Each step sees a small batch of calibration windows; ``steps``
+counts the optimizer steps per block. Why block-wise: on the built-in LM, end-to-end QAT on a small corpus
+over-fits it (held-out perplexity got worse than the GPTQ start), and a GPTQ start is a poor one for training
+(its error-compensated weights sit on grid points that a straight-through step only knocks off); a block's
+output MSE against the float block is a dense, local target that does not over-fit and starts from
+round-to-nearest ranges. Activations are not quantized here (weight-only formats).
+
+QAT + LoRA (``lora_rank``, QA-LoRA, Xu et al. 2023): the base weights are the GPTQ result and stay frozen;
+what trains is a group-wise adapter (A reads the input summed over each quantization group, so its update
+is constant per row and group), the scales and float zero-points. Merging folds the adapter into the
+zero-points exactly — the model stays on the integer grid and nothing is re-rounded.
+
+``convert_qat`` stores exactly what the fake-quant forward computed (a test asserts the logits agree).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.errors import InvalidSpecError
+from lowbit.errors import InvalidSpecError, InvalidWeightError
 from lowbit.formats.spec import QuantSpec
 from lowbit.nn.fake_quant import FakeQuantLinear, check_spec
 from lowbit.nn.quant_linear import QuantLinear
@@ -22,12 +46,78 @@ from lowbit.nn.quant_linear import QuantLinear
 INITS = ("rtn", "gptq")
 
 
+@dataclass(frozen=True)
+class QATConfig:
+    """One QAT run. ``steps``: optimizer steps per block, each on ``batch_size`` calibration windows.
+    ``lora_rank`` > 0: QA-LoRA (frozen GPTQ base, group-wise adapter, float zero-points)."""
+
+    spec: QuantSpec
+    steps: int = 640
+    batch_size: int = 2
+    lr: float = 2e-4            # weights (full QAT) or adapters (QA-LoRA)
+    lr_qparams: float = 2e-3    # log-scales and zero-points
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    init: str | None = None     # default: rtn for full QAT, gptq for QA-LoRA
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lora_rank and self.spec.symmetric:
+            raise InvalidSpecError("QAT with --lora folds the adapter into the zero-points: use an asymmetric format")
+        if self.lora_rank and self.spec.granularity != "group":
+            raise InvalidSpecError("QAT with --lora needs group-wise scales (give a group size)")
+        if self.lora_rank and not self.spec.float_zero:
+            object.__setattr__(self, "spec", self.spec.replace(zero_dtype=self.spec.scale_dtype))
+        check_spec(self.spec)
+        if self.init is not None and self.init not in INITS:
+            raise InvalidSpecError(f"QAT init {self.init!r}: choose one of {', '.join(INITS)}")
+        for name in ("steps", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidSpecError(f"QAT {name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lora_rank < 0 or self.lr <= 0 or self.lr_qparams < 0:
+            raise InvalidSpecError(f"QAT: lora_rank ≥ 0, lr > 0 and lr_qparams ≥ 0 (got {self.lora_rank}, {self.lr}, "
+                                   f"{self.lr_qparams})")
+
+    @property
+    def start(self) -> str:
+        return self.init or ("gptq" if self.lora_rank else "rtn")
+
+
+@dataclass
+class BlockFit:
+    loss_start: float
+    loss_end: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mse_start": round(self.loss_start, 8), "mse_end": round(self.loss_end, 8)}
+
+
+@dataclass
+class QATResult:
+    config: QATConfig
+    layers: list[str] = field(default_factory=list)
+    blocks: dict[int, BlockFit] = field(default_factory=dict)
+    samples: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {"method": "qat-lora" if c.lora_rank else "qat", "format": c.spec.describe(), "spec": c.spec.to_dict(),
+                "init": c.start, "steps_per_block": c.steps, "batch_size": c.batch_size, "lr": c.lr,
+                "lr_qparams": c.lr_qparams, "lora_rank": c.lora_rank, "calib_samples": self.samples,
+                "layers": len(self.layers), "seconds": round(self.seconds, 3),
+                "mse_start": round(sum(b.loss_start for b in self.blocks.values()), 8),
+                "mse_end": round(sum(b.loss_end for b in self.blocks.values()), 8),
+                "per_block": {str(i): b.to_dict() for i, b in self.blocks.items()}}
+
+
 def prepare_qat(model: nn.Module, spec: QuantSpec, *, init: str = "rtn", tokenizer: Any = None, calib: Any = None,
                 device: str | torch.device = "cpu", show_progress: bool = False) -> list[str]:
     """Replace the layers ``lowbit quantize`` would quantize by FakeQuantLinear (in place); everything else is frozen.
 
     ``init="gptq"`` starts from the GPTQ model (its error-compensated weights, scales and zero-points, computed on
-    ``calib``), ``"rtn"`` from the float weights with round-to-nearest ranges. Returns the layer names.
+    ``calib``), ``"rtn"`` from the float weights with round-to-nearest ranges. ``spec`` may have float zero-points
+    (the GPTQ start is then quantized with integer ones, which are exact floats). Returns the layer names.
     """
     from lowbit.models.targets import check_target_shapes, select_targets, set_submodule
     from lowbit.recipe import QuantRecipe
@@ -37,11 +127,12 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, *, init: str = "rtn", tokeniz
     if any(isinstance(m, (QuantLinear, FakeQuantLinear)) for m in model.modules()):
         raise InvalidSpecError("QAT starts from the float model (this one is already quantized)")
     check_spec(spec)
-    recipe = QuantRecipe(spec, "gptq" if init == "gptq" else "rtn")
+    int_spec = spec.replace(zero_dtype="int") if spec.float_zero else spec
+    recipe = QuantRecipe(int_spec, "gptq" if init == "gptq" else "rtn")
     targets = list(select_targets(model, recipe))
     if not targets:
         raise InvalidSpecError("the model has no linear layer to train")
-    check_target_shapes(model, dict.fromkeys(targets, spec))
+    check_target_shapes(model, dict.fromkeys(targets, int_spec))
     start: dict[str, QuantLinear] = {}
     if init == "gptq":
         from lowbit.algorithms.calib_data import CalibConfig
@@ -55,7 +146,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, *, init: str = "rtn", tokeniz
     for name in targets:
         module = model.get_submodule(name)
         if name in start:
-            fq = FakeQuantLinear.from_quantized(start[name].weight, getattr(module, "bias", None))
+            fq = FakeQuantLinear.from_quantized(start[name].weight, getattr(module, "bias", None), spec=spec)
         else:
             fq = FakeQuantLinear.from_linear(module, spec, name)
         set_submodule(model, name, fq.to(module.weight.device))
@@ -71,3 +162,218 @@ def convert_qat(model: nn.Module) -> nn.Module:
             set_submodule(model, name, module.convert())
     model.lowbit_method = "qat"  # type: ignore[attr-defined]
     return model
+
+
+def qat(model: nn.Module, config: QATConfig, *, tokenizer: Any = None, calib: Any = None,
+        device: str | torch.device = "cpu", show_progress: bool = False, convert: bool = True,
+        checkpoint_dir: str | Path | None = None, resume: bool = False) -> QATResult:
+    """Quantization-aware training of a float model in place (block-wise reconstruction, see the module
+    docstring); ``calib`` is a CalibConfig of the training windows. ``convert``: end with packed layers.
+
+    ``checkpoint_dir``: each trained block's parameters are saved there (safetensors, atomically); with
+    ``resume`` the blocks already saved by the same run (same config and data) are loaded instead of trained.
+    """
+    from lowbit.algorithms.calib_data import CalibConfig, calibration_batches
+    from lowbit.algorithms.calibrate import capture_block_inputs, find_blocks
+
+    started = time.perf_counter()
+    device = torch.device(device)
+    if tokenizer is None:
+        from lowbit.quantize import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    calib = calib or CalibConfig(samples=128)
+    prefix, blocks = find_blocks(model)  # before the swap: the runner finds blocks by their linear layers
+    before = dict(model.named_modules())
+    targets = prepare_qat(model, config.spec, init=config.start, tokenizer=tokenizer, calib=calib, device=device,
+                          show_progress=show_progress)
+    originals = {name: before[name] for name in targets}  # the float layers: the reconstruction targets
+    if config.lora_rank:
+        for i, name in enumerate(targets):
+            model.get_submodule(name).add_group_lora(config.lora_rank, config.lora_alpha, seed=config.seed + i)
+    result = QATResult(config, targets)
+    ids = calibration_batches(tokenizer, calib)
+    result.samples = int(ids.shape[0])
+    batches = [{"input_ids": ids[i:i + config.batch_size], "attention_mask": torch.ones_like(ids[i:i + config.batch_size])}
+               for i in range(0, ids.shape[0], config.batch_size)]
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, blocks, batches, device)
+    float_in, quant_in = list(inputs.hidden), list(inputs.hidden)
+    from lowbit.progress import progress
+
+    ckpt = None if checkpoint_dir is None else _Checkpoint(Path(checkpoint_dir), _fingerprint(config, calib, ids,
+                                                                                                targets))
+    done = ckpt.load(resume) if ckpt is not None else {}
+    for index in progress(range(len(blocks)), desc="qat", enabled=show_progress, unit="block"):
+        block = blocks[index]
+        block_prefix = f"{prefix}.{index}."
+        mine = {n[len(block_prefix):]: m for n, m in originals.items() if n.startswith(block_prefix)}
+        float_out = _run(block, float_in, inputs, swap=mine)
+        if index in done:
+            result.blocks[index] = ckpt.restore(block, index, done[index])  # type: ignore[union-attr]
+        else:
+            result.blocks[index] = _fit_block(block, quant_in, float_out, inputs, config, f"{prefix}.{index}")
+            if ckpt is not None:
+                ckpt.save(block, index, result.blocks[index])
+        quant_in = _run(block, quant_in, inputs)
+        float_in = float_out
+        for name in mine:
+            originals.pop(block_prefix + name)
+    model.train(was_training)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if convert:
+        convert_qat(model)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def _run(block: nn.Module, hidden: list[torch.Tensor], inputs: Any, swap: dict[str, nn.Module] | None = None) -> list[torch.Tensor]:
+    """The block's outputs on every batch (``swap``: with these float layers in place of the fake-quant ones)."""
+    from lowbit.models.targets import set_submodule
+
+    saved = {name: block.get_submodule(name) for name in swap or {}}
+    for name, module in (swap or {}).items():
+        set_submodule(block, name, module)
+    try:
+        return [_out(block(h, *a, **kw)) for h, a, kw in zip(hidden, inputs.args, inputs.kwargs)]
+    finally:
+        for name, module in saved.items():
+            set_submodule(block, name, module)
+
+
+def _out(out: Any) -> torch.Tensor:
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
+
+def _fit_block(block: nn.Module, quant_in: list[torch.Tensor], target: list[torch.Tensor], inputs: Any,
+               config: QATConfig, where: str) -> BlockFit:
+    """Train one block's fake-quant layers to map ``quant_in`` to the float block's ``target`` (MSE)."""
+    layers = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
+    main, qparams = [], []
+    for layer in layers:
+        if config.lora_rank:
+            main += [layer.lora_A, layer.lora_B]
+        else:
+            layer.weight.requires_grad_(True)
+            main.append(layer.weight)
+        qparams += [p for p in (layer.log_scale, layer.zero) if p.requires_grad]
+    groups = [{"params": main, "lr": config.lr}]
+    if qparams and config.lr_qparams > 0:
+        groups.append({"params": qparams, "lr": config.lr_qparams})
+    else:
+        for p in qparams:
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
+    start = _mse(block, quant_in, target, inputs)
+    order: list[int] = []
+    g = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.steps):
+        if not order:
+            order = torch.randperm(len(quant_in), generator=g).tolist()
+        b = order.pop()
+        out = _out_grad(block(quant_in[b], *inputs.args[b], **inputs.kwargs[b]))
+        loss = torch.nn.functional.mse_loss(out.float(), target[b].float())
+        if not torch.isfinite(loss):
+            raise InvalidWeightError(f"{where}: QAT loss became {loss.item()} (lower --lr / --lr-qparams)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    for layer in layers:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    return BlockFit(start, _mse(block, quant_in, target, inputs))
+
+
+def _out_grad(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _mse(block: nn.Module, hidden: list[torch.Tensor], target: list[torch.Tensor], inputs: Any) -> float:
+    total = sum(torch.nn.functional.mse_loss(_out(block(h, *a, **kw)).float(), t.float()).item()
+                for h, a, kw, t in zip(hidden, inputs.args, inputs.kwargs, target))
+    return total / max(len(hidden), 1)
+
+
+# ---- resumable runs -------------------------------------------------------------------------------------------
+def _fingerprint(config: QATConfig, calib: Any, ids: torch.Tensor, targets: list[str]) -> str:
+    """Same config, same training windows, same layers → the same run."""
+    h = hashlib.sha256(json.dumps({"config": {**asdict(config), "spec": config.spec.to_dict()}, "targets": targets,
+                                   "calib": asdict(calib) if calib is not None else None}, sort_keys=True,
+                                  default=str).encode())
+    h.update(ids.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class _Checkpoint:
+    """``state.json`` ({fingerprint, finished blocks and their fits}) and ``block-<i>.safetensors`` per block."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.state: dict[str, Any] = {"format": "lowbit-qat-checkpoint", "fingerprint": fingerprint, "blocks": {}}
+
+    def load(self, resume: bool) -> dict[int, BlockFit]:
+        from lowbit.errors import CorruptFileError
+
+        state_file = self.path / "state.json"
+        if not resume or not state_file.is_file():
+            return {}
+        try:
+            state = json.loads(state_file.read_text())
+            blocks = {int(i): BlockFit(float(v["mse_start"]), float(v["mse_end"])) for i, v in state["blocks"].items()}
+            fingerprint = state["fingerprint"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptFileError(f"{state_file}: not a lowbit QAT checkpoint ({exc}); delete it to start over") from None
+        if fingerprint != self.fingerprint:
+            raise InvalidSpecError(f"{state_file}: saved by a run with other settings or data; rerun with the same "
+                                   "ones, or without --resume to start over")
+        self.state["blocks"] = {str(i): f.to_dict() for i, f in blocks.items()}
+        return blocks
+
+    def save(self, block: nn.Module, index: int, fit: BlockFit) -> None:
+        from safetensors.torch import save_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().cpu().contiguous() for name, p in _block_state(block).items()}
+        tmp = self.path / f".block-{index}.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        _replace(tmp, self.path / f"block-{index}.safetensors")
+        self.state["blocks"][str(index)] = fit.to_dict()
+        tmp = self.path / ".state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        _replace(tmp, self.path / "state.json")
+
+    def restore(self, block: nn.Module, index: int, fit: BlockFit) -> BlockFit:
+        from lowbit.io.safetensors_io import open_safetensors
+
+        file = self.path / f"block-{index}.safetensors"
+        with open_safetensors(file) as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open handle)
+        want = _block_state(block)
+        if set(tensors) != set(want) or any(tensors[k].shape != want[k].shape for k in want):
+            from lowbit.errors import CorruptFileError
+
+            raise CorruptFileError(f"{file}: does not hold this block's QAT parameters; delete the checkpoint")
+        with torch.no_grad():
+            for name, p in want.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        return fit
+
+
+def _block_state(block: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": p for n, m in block.named_modules() if isinstance(m, FakeQuantLinear)
+            for k, p in m.named_parameters(recurse=False) if p is not None}
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, dest)

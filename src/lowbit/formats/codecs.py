@@ -31,7 +31,8 @@ from lowbit.errors import InvalidSpecError
 TensorDict = dict[str, torch.Tensor]
 
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SCALE_DTYPES = SCALE_TORCH_DTYPES
 _SCALE_MIN = {"float16": 2.0**-24, "bfloat16": 1e-30, "float32": 1e-30}
 
 

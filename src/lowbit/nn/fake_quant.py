@@ -31,13 +31,14 @@ from lowbit.tensor import QuantizedWeight
 
 
 def check_spec(spec: QuantSpec) -> None:
-    """QAT covers int formats with per-channel or per-group scales and integer zero-points."""
-    if spec.format != "int" or spec.granularity == "tensor" or spec.float_zero or spec.double_quant:
+    """QAT covers int formats with per-channel or per-group scales; zero-points integer or float (QA-LoRA folds
+    its group-wise update into float zero-points)."""
+    if spec.format != "int" or spec.granularity == "tensor" or spec.double_quant:
         # double quantization re-quantizes all scales together, so storing them twice would not be exact
         from lowbit.errors import InvalidSpecError
 
         raise InvalidSpecError(f"QAT covers int formats with per-channel or per-group scales (not double-"
-                               f"quantized) and integer zero-points, not {spec.describe()}")
+                               f"quantized), not {spec.describe()}")
 
 
 def _ste(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -60,16 +61,20 @@ class FakeQuantLinear(nn.Module):
         self.zero = nn.Parameter(zero.detach().float().clone(), requires_grad=learn_zero and not spec.symmetric)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.qmin, self.qmax = P.int_range(spec.bits, spec.symmetric)
+        self.lora_A: nn.Parameter | None = None  # QA-LoRA (add_group_lora)
+        self.lora_B: nn.Parameter | None = None
+        self.lora_scaling = 1.0
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, weight: torch.Tensor | None = None,
-                       **kwargs: bool) -> "FakeQuantLinear":
+                       spec: QuantSpec | None = None, **kwargs: bool) -> "FakeQuantLinear":
         """Start from a stored weight: its scale and zero-point, and (default) its dequantized values as the float
-        weight, so that the first forward equals the quantized model's."""
+        weight, so that the first forward equals the quantized model's. ``spec``: train in another spec of the same
+        grid (e.g. float zero-points for QA-LoRA)."""
         w = qw.dequantize(torch.float32) if weight is None else weight
         scale, zero = qw.scale, qw.zero_point
         assert scale is not None and zero is not None
-        return cls(w, qw.spec, scale, zero, bias, **kwargs)
+        return cls(w, spec or qw.spec, scale, zero, bias, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec: QuantSpec, name: str = "weight", **kwargs: bool) -> "FakeQuantLinear":
@@ -86,6 +91,8 @@ class FakeQuantLinear(nn.Module):
         s = _ste(s, codecs.stored_scale(s.detach(), self.spec))
         if self.spec.symmetric:
             return s, torch.zeros_like(s)
+        if self.spec.float_zero:  # stored as a float: only its dtype round trip
+            return s, _ste(self.zero, self.zero.detach().to(codecs.SCALE_TORCH_DTYPES[self.spec.zero_dtype]).float())
         z = _ste(self.zero, self.zero.detach().round().clamp(0, self.qmax))
         return s, z
 
@@ -95,7 +102,38 @@ class FakeQuantLinear(nn.Module):
         x = P.grouped(self.weight, self.spec)
         v = x / s.unsqueeze(-1) + z.unsqueeze(-1)
         q = torch.clamp(_ste(v, torch.round(v.detach())), self.qmin, self.qmax)
-        return ((q - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+        z_out = z if self.lora_A is None else self._zero_with_lora(s, z)
+        return ((q - z_out.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    # ---- QA-LoRA: a group-wise low-rank update that lives in the zero-points --------------------
+    def add_group_lora(self, rank: int, alpha: float | None = None, seed: int = 0) -> None:
+        """Train ``Δ = B·A·alpha/rank`` [out, groups] added to every weight of a group (QA-LoRA, Xu et al. 2023):
+        A sees the input summed over each group, so ``Δ`` is constant per (row, group) and folds exactly into the
+        zero-point, ``(q − z)·s + Δ = (q − (z − Δ/s))·s`` — the merged model stays on the integer grid, no
+        re-rounding. Needs group-wise scales and float zero-points (``zero_dtype``)."""
+        from lowbit.errors import InvalidSpecError
+
+        if self.spec.granularity != "group" or not self.spec.float_zero:
+            raise InvalidSpecError(f"QA-LoRA needs group-wise scales and float zero-points (asymmetric, zero_dtype "
+                                   f"float16/bfloat16/float32), not {self.spec.describe()}")
+        if rank < 1:
+            raise InvalidSpecError(f"LoRA rank must be ≥ 1, got {rank}")
+        groups = self.in_features // int(self.spec.group_size)
+        g = torch.Generator().manual_seed(seed)
+        device = self.weight.device
+        self.lora_A = nn.Parameter((torch.randn(rank, groups, generator=g) / groups ** 0.5).to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        self.lora_scaling = float(alpha if alpha is not None else rank) / rank
+
+    def group_delta(self) -> torch.Tensor:
+        """Δ [out, groups] of the group-wise adapter (zeros without one)."""
+        if self.lora_A is None:
+            return torch.zeros(self.scale_init.shape, device=self.weight.device)
+        return (self.lora_B @ self.lora_A) * self.lora_scaling
+
+    def _zero_with_lora(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        z_new = z - self.group_delta() / s
+        return _ste(z_new, z_new.detach().to(codecs.SCALE_TORCH_DTYPES[self.spec.zero_dtype]).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
@@ -105,6 +143,8 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def to_quantized(self) -> QuantizedWeight:
         s, z = self.qparams()
+        if self.lora_A is not None:  # the adapter is merged: it is part of the zero-point
+            z = self._zero_with_lora(s, z)
         return QuantizedWeight.from_qparams(self.quantized_weight(), self.spec, s.detach(), z.detach())
 
     @torch.no_grad()

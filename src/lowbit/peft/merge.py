@@ -8,6 +8,11 @@ GPTQ's error-compensated rounding under each layer's input Hessian (``gptq_on_gr
 the layer's *output* close to the exact merge: that is what the model-level loss sees. The report gives, per layer, how far the stored
 result is from the exact float merge (``weight_rel_error``) and how much of the adapter's update
 survived (``delta_rel_error`` = ‖stored − deq(Q) − ΔW‖ / ‖ΔW‖). Unmerging restores the base exactly.
+
+A pruned float base keeps its zeros (``keep_sparsity``, the default): where at least ``SPARSE_MIN_ZEROS`` of a base
+weight's entries are exactly zero (a pruning pattern — trained dense weights have none), the adapter's update is
+masked there, so merging LoRA into a 50 %-sparse model leaves it 50 % sparse (the part of ΔW that fell on pruned
+weights is lost and counted in ``delta_rel_error``; ``masked_layers`` says where).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from lowbit.peft.base import AdapterLayer, adapter_layers, set_base_weight, unwr
 from lowbit.peft.model import ModulesToSave, peft_state
 
 MERGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SPARSE_MIN_ZEROS = 0.1  # a base weight with at least this fraction of exact zeros is treated as pruned
 
 
 @dataclass
@@ -38,6 +44,7 @@ class MergeReport:
     layers: dict[str, LayerMergeError] = field(default_factory=dict)
     requantized: bool = False
     method: str = "float"
+    masked_layers: dict[str, float] = field(default_factory=dict)  # layer → its fraction of zeros, kept by the mask
 
     @property
     def mean_weight_rel_error(self) -> float:
@@ -51,7 +58,9 @@ class MergeReport:
         return {"adapters": self.adapters, "requantized": self.requantized, "merge_method": self.method,
                 "layers_merged": len(self.layers), "mean_weight_rel_error": round(self.mean_weight_rel_error, 6),
                 "mean_delta_rel_error": round(self.mean_delta_rel_error, 6),
-                "worst_layer": max(self.layers, key=lambda n: self.layers[n].delta_rel_error, default=None)}
+                "worst_layer": max(self.layers, key=lambda n: self.layers[n].delta_rel_error, default=None),
+                "sparsity_kept_layers": len(self.masked_layers),
+                "sparsity_kept": round(_mean(self.masked_layers.values()), 6) if self.masked_layers else None}
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -62,13 +71,14 @@ def _mean(values: Iterable[float]) -> float:
 @torch.no_grad()
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, requantize: bool = True,
           method: str | None = None, merge_dtype: str | torch.dtype | None = None, calibration: Any = None,
-          tokenizer: Any = None, show_progress: bool = False) -> MergeReport:
+          tokenizer: Any = None, show_progress: bool = False, keep_sparsity: bool = True) -> MergeReport:
     """Fold the (active, by default) layer adapters into their base layers, in place.
 
     A quantized base is re-quantized with its own spec (``requantize``, the default): with
     ``calibration`` (a CalibConfig, token ids [n, L], or {"input_ids", "attention_mask"}) by GPTQ on
     the base's grid, else by rounding (``method`` "hqq" uses HQQ for fresh quantization). The report
     says which. ``merge_dtype`` keeps a float result instead. Float bases stay float.
+    ``keep_sparsity``: a base with a pruning pattern (≥ SPARSE_MIN_ZEROS exact zeros) keeps its zeros.
     """
     state = peft_state(model)
     names = list(adapter_names) if adapter_names is not None else list(state.active)
@@ -98,7 +108,14 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, requa
         if not mine:
             continue
         old = layer.base_weight()
-        weight, bias = layer.merged_weight(mine)
+        if not layer.is_quantized:  # float_weight may alias the parameter set_base_weight overwrites below
+            old = old.clone()
+        exact, bias = layer.merged_weight(mine)
+        # only a float base: a quantized one's dequantized zeros are grid points (2-bit grids have many), not pruning
+        weight, mask = exact, sparsity_mask(old) if keep_sparsity and not layer.is_quantized else None
+        if mask is not None:  # the update does not revive pruned weights
+            weight = exact.masked_fill(mask.to(exact.device), 0.0)
+            report.masked_layers[module_name] = mask.float().mean().item()
         layer.stash_base()
         if calibrated and layer.is_quantized:
             pending[module_name] = (old, weight, bias)
@@ -106,13 +123,19 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, requa
         else:
             quantizer = _quantizer(report.method, layer) if layer.is_quantized and quantized else None
             set_base_weight(layer, weight, bias, quantizer, dtype=dtype)
-            report.layers[module_name] = _error(layer, old, weight)
+            report.layers[module_name] = _error(layer, old, exact)
         layer.merged_adapters.extend(mine)
     if pending:
         _requantize_calibrated(model, layers, pending, method, calibration, tokenizer, show_progress)
         for module_name, (old, weight, _) in pending.items():
             report.layers[module_name] = _error(layers[module_name], old, weight)
     return report
+
+
+def sparsity_mask(weight: torch.Tensor) -> torch.Tensor | None:
+    """True where a pruned weight [out, in] is exactly zero; None unless ≥ SPARSE_MIN_ZEROS of it is."""
+    zeros = weight == 0
+    return zeros if zeros.float().mean().item() >= SPARSE_MIN_ZEROS else None
 
 
 def _quantizer(method: str, layer: AdapterLayer, old: Any = None) -> Any:
