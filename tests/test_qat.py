@@ -15,7 +15,8 @@ from lowbit.nn.quant_linear import QuantLinear
 from lowbit.tensor import QuantizedWeight
 
 SPECS = [QuantSpec(bits=2, group_size=64, symmetric=False), QuantSpec(bits=3, group_size=128, symmetric=False),
-         QuantSpec(bits=4, group_size=32, symmetric=True), QuantSpec(bits=8, group_size=None, granularity="channel")]
+         QuantSpec(bits=4, group_size=32, symmetric=True), QuantSpec(bits=8, group_size=None, granularity="channel"),
+         QuantSpec.nf4(64), QuantSpec.fp4(32)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
@@ -39,6 +40,27 @@ def test_fake_quant_starts_at_rtn_trains_and_converts_exactly(spec):
     converted = fq.convert()
     assert isinstance(converted, QuantLinear)
     assert torch.equal(converted.weight.dequantize(), fq.quantized_weight().detach())  # bit for bit
+
+
+def test_activation_fake_quant_is_what_the_w4a8_layer_computes():
+    from lowbit.formats.act import ActSpec
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48)
+    act = ActSpec.dynamic_per_token(bits=8)
+    fq = FakeQuantLinear.from_linear(lin, SPECS[0], act_spec=act)
+    x = torch.randn(3, 20, 128, requires_grad=True)
+    y = fq(x)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # rounding of the input passed straight through
+    weight_only = FakeQuantLinear.from_linear(lin, SPECS[0])
+    assert 0 < (y - weight_only(x)).abs().max() < 0.05  # the input really is rounded, and only slightly
+    converted = fq.convert()
+    assert converted.act_spec == act
+    with torch.no_grad():
+        assert (converted(x) - fq(x)).abs().max() <= 1e-5
+    with pytest.raises(InvalidSpecError, match="dynamic"):
+        FakeQuantLinear.from_linear(lin, SPECS[0], act_spec=ActSpec.static())
 
 
 def test_model_convert_equals_fake_quant_forward():
@@ -93,7 +115,7 @@ def test_distillation_loss_is_the_kl():
     for kl, temp, alpha in (("forward", 1.0, 1.0), ("reverse", 2.0, 1.0), ("forward", 1.0, 0.0)):
         tr = DistillTrainer(student, TrainConfig(steps=1, show_progress=False), data, teacher, temperature=temp,
                             alpha=alpha, kl=kl)
-        got = float(tr._loss_sum(student, batch))
+        got = float(tr._loss_sum(student, batch).detach())
         with torch.no_grad():
             s, t = student(input_ids=ids).logits[:, :-1], teacher(input_ids=ids).logits[:, :-1]
         keep = labels[:, 1:] != -100
@@ -115,12 +137,13 @@ def test_group_lora_trains_and_merges_onto_the_same_integer_grid():
     lin = torch.nn.Linear(256, 32)
     spec = QuantSpec(bits=4, group_size=64, symmetric=False, zero_dtype="float16")
     base = QuantizedWeight.from_float(lin.weight.detach(), QuantSpec(bits=4, group_size=64, symmetric=False))
-    fq = FakeQuantLinear.from_quantized(base, lin.bias.detach(), spec=spec, learn_scale=False)
-    fq.weight.requires_grad_(False)
+    fq = FakeQuantLinear.from_quantized(base, lin.bias.detach(), spec=spec)
+    fq.freeze_codes()
+    assert not fq.weight.requires_grad
     assert torch.equal(fq.quantized_weight().detach(), base.dequantize())  # step 0 is the base model
     fq.add_group_lora(4, seed=1)
     target = torch.nn.Linear(256, 32)  # something the adapter must move towards
-    opt = torch.optim.Adam([fq.lora_A, fq.lora_B, fq.zero], 1e-2)
+    opt = torch.optim.Adam([fq.lora_A, fq.lora_B, fq.zero, fq.log_scale], 1e-2)
     x = torch.randn(128, 256)
     losses = []
     for _ in range(40):
@@ -130,12 +153,14 @@ def test_group_lora_trains_and_merges_onto_the_same_integer_grid():
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0] and fq.lora_B.grad is not None and fq.lora_B.abs().sum() > 0
+    assert fq.log_scale.abs().max() > 0  # the scales moved too …
     delta = fq.group_delta().detach()
     assert delta.shape == (32, 4) and delta.abs().max() > 0
     converted = fq.convert()
     assert converted.weight.spec.float_zero
     assert torch.equal(converted.weight.dequantize(), fq.quantized_weight().detach())  # merged exactly, bit for bit
-    # the integer codes are the base model's: the update lives in the zero-points, nothing was re-rounded
+    # … yet the integer codes are the base model's: the update lives in the scales and zero-points, nothing was
+    # re-rounded
     assert torch.equal(converted.weight.tensors["qdata"], base.tensors["qdata"])
     with torch.no_grad():
         assert (converted(x) - fq(x)).abs().max() <= 1e-4

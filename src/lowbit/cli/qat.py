@@ -33,6 +33,10 @@ def add_parser(sub: Any, common: Any) -> None:
     q.add_argument("--bits", type=int, default=4, help="integer bits (2, 3, 4, 5, 6, 8; default 4)")
     q.add_argument("--group-size", type=int, default=128, help="columns per scale group (0: one per row; default 128)")
     q.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero-point; default asymmetric)")
+    q.add_argument("--format", default="int", choices=("int", "nf4", "fp4"),
+                   help="int (--bits, default) or a 4-bit codebook with per-block absmax (block = --group-size)")
+    q.add_argument("--act-bits", type=int, default=None, metavar="B",
+                   help="also quantize every layer's input, dynamically per token, to B bits (e.g. 8: W4A8)")
     q.add_argument("--data", required=True, help="training text: .txt, .jsonl, a directory of texts, or 'builtin'")
     q.add_argument("--data-field", default="text", help="text field of JSONL records")
     q.add_argument("--samples", type=int, default=128, help="training windows drawn from --data (default 128)")
@@ -66,9 +70,17 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.samples < 1 or args.seq_len < 2 or args.group_size < 0:
         raise InvalidSpecError("--samples must be ≥ 1, --seq-len ≥ 2, --group-size ≥ 0")
-    spec = QuantSpec.int_(args.bits, args.group_size or None, symmetric=args.symmetric)
+    from lowbit.formats.act import ActSpec
+
+    if args.format == "int":
+        spec = QuantSpec.int_(args.bits, args.group_size or None, symmetric=args.symmetric)
+    else:
+        if not args.group_size:
+            raise InvalidSpecError(f"--format {args.format} needs a block size: --group-size N (e.g. 64)")
+        spec = QuantSpec(args.format, 4, True, "group", args.group_size)
+    act_spec = None if args.act_bits is None else ActSpec.dynamic_per_token(bits=args.act_bits)
     lr = args.lr if args.lr is not None else (1e-3 if args.lora else 2e-4)
-    config = QATConfig(spec, steps=args.steps, batch_size=args.batch_size, lr=lr, lr_qparams=args.lr_qparams,
+    config = QATConfig(spec, act_spec=act_spec, steps=args.steps, batch_size=args.batch_size, lr=lr, lr_qparams=args.lr_qparams,
                        lora_rank=args.lora, lora_alpha=args.lora_alpha, init=args.init, seed=args.seed)
     out = Path(args.out)
     start = time.perf_counter()
@@ -102,7 +114,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
     _write_json(out / RUN_FILE, summary)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if not args.json:
-        print(f"QAT {args.model} → {result.config.spec.describe()}"
+        act = f" + {config.act_spec.describe()} activations" if config.act_spec else ""
+        print(f"QAT {args.model} → {result.config.spec.describe()}{act}"
               f"{f' + QA-LoRA r{args.lora}' if args.lora else ''}: {len(result.layers)} layers, "
               f"{config.steps} steps per block, block MSE {summary['mse_start']:.4g} → {summary['mse_end']:.4g}, "
               f"{result.seconds:.1f} s → {out}")

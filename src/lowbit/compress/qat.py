@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InvalidSpecError, InvalidWeightError
+from lowbit.formats.act import ActSpec
 from lowbit.formats.spec import QuantSpec
 from lowbit.nn.fake_quant import FakeQuantLinear, check_spec
 from lowbit.nn.quant_linear import QuantLinear
@@ -52,6 +53,7 @@ class QATConfig:
     ``lora_rank`` > 0: QA-LoRA (frozen GPTQ base, group-wise adapter, float zero-points)."""
 
     spec: QuantSpec
+    act_spec: ActSpec | None = None  # dynamic activation quantization trained along (W4A8 …)
     steps: int = 640
     batch_size: int = 2
     lr: float = 2e-4            # weights (full QAT) or adapters (QA-LoRA)
@@ -62,13 +64,14 @@ class QATConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.lora_rank and self.spec.symmetric:
-            raise InvalidSpecError("QAT with --lora folds the adapter into the zero-points: use an asymmetric format")
+        if self.lora_rank and (self.spec.format != "int" or self.spec.symmetric):
+            raise InvalidSpecError("QAT with --lora folds the adapter into the zero-points: use an asymmetric int "
+                                   f"format, not {self.spec.describe()}")
         if self.lora_rank and self.spec.granularity != "group":
             raise InvalidSpecError("QAT with --lora needs group-wise scales (give a group size)")
         if self.lora_rank and not self.spec.float_zero:
             object.__setattr__(self, "spec", self.spec.replace(zero_dtype=self.spec.scale_dtype))
-        check_spec(self.spec)
+        check_spec(self.spec, self.act_spec)
         if self.init is not None and self.init not in INITS:
             raise InvalidSpecError(f"QAT init {self.init!r}: choose one of {', '.join(INITS)}")
         for name in ("steps", "batch_size"):
@@ -103,6 +106,7 @@ class QATResult:
     def to_dict(self) -> dict[str, Any]:
         c = self.config
         return {"method": "qat-lora" if c.lora_rank else "qat", "format": c.spec.describe(), "spec": c.spec.to_dict(),
+                "act": None if c.act_spec is None else c.act_spec.describe(),
                 "init": c.start, "steps_per_block": c.steps, "batch_size": c.batch_size, "lr": c.lr,
                 "lr_qparams": c.lr_qparams, "lora_rank": c.lora_rank, "calib_samples": self.samples,
                 "layers": len(self.layers), "seconds": round(self.seconds, 3),
@@ -112,12 +116,14 @@ class QATResult:
 
 
 def prepare_qat(model: nn.Module, spec: QuantSpec, *, init: str = "rtn", tokenizer: Any = None, calib: Any = None,
-                device: str | torch.device = "cpu", show_progress: bool = False) -> list[str]:
+                device: str | torch.device = "cpu", show_progress: bool = False,
+                act_spec: ActSpec | None = None) -> list[str]:
     """Replace the layers ``lowbit quantize`` would quantize by FakeQuantLinear (in place); everything else is frozen.
 
     ``init="gptq"`` starts from the GPTQ model (its error-compensated weights, scales and zero-points, computed on
     ``calib``), ``"rtn"`` from the float weights with round-to-nearest ranges. ``spec`` may have float zero-points
-    (the GPTQ start is then quantized with integer ones, which are exact floats). Returns the layer names.
+    (the GPTQ start is then quantized with integer ones, which are exact floats). ``act_spec``: the layers'
+    inputs are fake-quantized too (dynamic specs). Returns the layer names.
     """
     from lowbit.models.targets import check_target_shapes, select_targets, set_submodule
     from lowbit.recipe import QuantRecipe
@@ -126,7 +132,7 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, *, init: str = "rtn", tokeniz
         raise InvalidSpecError(f"QAT init {init!r}: choose one of {', '.join(INITS)}")
     if any(isinstance(m, (QuantLinear, FakeQuantLinear)) for m in model.modules()):
         raise InvalidSpecError("QAT starts from the float model (this one is already quantized)")
-    check_spec(spec)
+    check_spec(spec, act_spec)
     int_spec = spec.replace(zero_dtype="int") if spec.float_zero else spec
     recipe = QuantRecipe(int_spec, "gptq" if init == "gptq" else "rtn")
     targets = list(select_targets(model, recipe))
@@ -146,9 +152,10 @@ def prepare_qat(model: nn.Module, spec: QuantSpec, *, init: str = "rtn", tokeniz
     for name in targets:
         module = model.get_submodule(name)
         if name in start:
-            fq = FakeQuantLinear.from_quantized(start[name].weight, getattr(module, "bias", None), spec=spec)
+            fq = FakeQuantLinear.from_quantized(start[name].weight, getattr(module, "bias", None), spec=spec,
+                                                act_spec=act_spec)
         else:
-            fq = FakeQuantLinear.from_linear(module, spec, name)
+            fq = FakeQuantLinear.from_linear(module, spec, name, act_spec=act_spec)
         set_submodule(model, name, fq.to(module.weight.device))
     return targets
 
@@ -186,11 +193,13 @@ def qat(model: nn.Module, config: QATConfig, *, tokenizer: Any = None, calib: An
     prefix, blocks = find_blocks(model)  # before the swap: the runner finds blocks by their linear layers
     before = dict(model.named_modules())
     targets = prepare_qat(model, config.spec, init=config.start, tokenizer=tokenizer, calib=calib, device=device,
-                          show_progress=show_progress)
+                          show_progress=show_progress, act_spec=config.act_spec)
     originals = {name: before[name] for name in targets}  # the float layers: the reconstruction targets
     if config.lora_rank:
         for i, name in enumerate(targets):
-            model.get_submodule(name).add_group_lora(config.lora_rank, config.lora_alpha, seed=config.seed + i)
+            layer = model.get_submodule(name)
+            layer.freeze_codes()
+            layer.add_group_lora(config.lora_rank, config.lora_alpha, seed=config.seed + i)
     result = QATResult(config, targets)
     ids = calibration_batches(tokenizer, calib)
     result.samples = int(ids.shape[0])

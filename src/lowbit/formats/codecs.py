@@ -149,6 +149,11 @@ def decode_scale(tensors: TensorDict, spec: QuantSpec, shape: tuple[int, int]) -
     return _load_scale(tensors, spec, P.scale_shape(shape, spec))
 
 
+def store_scale(scale: torch.Tensor, spec: QuantSpec) -> TensorDict:
+    """The stored tensors of first-level scales [R, G] (``scale``, or the double-quantized triple)."""
+    return _store_scale(scale.float(), spec)
+
+
 def _store_scale(scale: torch.Tensor, spec: QuantSpec) -> TensorDict:
     if spec.double_quant:
         codes, block_scale, offset = P.double_quantize(scale, DOUBLE_QUANT_BLOCK)

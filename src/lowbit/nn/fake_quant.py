@@ -20,25 +20,32 @@ post-training result (:meth:`from_quantized`: RTN, GPTQ …), so step 0 *is* tha
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from lowbit.formats import codecs
+from lowbit.formats import codebooks, codecs
 from lowbit.formats import primitives as P
+from lowbit.formats.act import ActSpec
 from lowbit.formats.spec import QuantSpec
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.tensor import QuantizedWeight
 
 
-def check_spec(spec: QuantSpec) -> None:
-    """QAT covers int formats with per-channel or per-group scales; zero-points integer or float (QA-LoRA folds
-    its group-wise update into float zero-points)."""
-    if spec.format != "int" or spec.granularity == "tensor" or spec.double_quant:
-        # double quantization re-quantizes all scales together, so storing them twice would not be exact
-        from lowbit.errors import InvalidSpecError
+def check_spec(spec: QuantSpec, act_spec: ActSpec | None = None) -> None:
+    """QAT covers int formats (per-channel or per-group scales; zero-points integer or float — QA-LoRA folds its
+    group-wise update into float zero-points) and the NF4/FP4 codebooks (per-block absmax), none double-quantized;
+    activations dynamically quantized (per token or per tensor, no outlier decomposition)."""
+    from lowbit.errors import InvalidSpecError
 
-        raise InvalidSpecError(f"QAT covers int formats with per-channel or per-group scales (not double-"
-                               f"quantized), not {spec.describe()}")
+    if spec.format not in ("int", "nf4", "fp4") or spec.granularity == "tensor" or spec.double_quant:
+        # double quantization re-quantizes all scales together, so storing them twice would not be exact
+        raise InvalidSpecError(f"QAT covers int, nf4 and fp4 formats with per-channel or per-group scales (not "
+                               f"double-quantized), not {spec.describe()}")
+    if act_spec is not None and (not act_spec.dynamic or act_spec.outlier_threshold is not None):
+        raise InvalidSpecError(f"QAT of activations covers dynamic specs without outlier columns, not "
+                               f"{act_spec.describe()} (a static scale would have to be trained and calibrated)")
 
 
 def _ste(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,37 +57,44 @@ class FakeQuantLinear(nn.Module):
     """A trainable float weight [out, in] seen through an integer ``spec`` (per channel or per group)."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor,
-                 bias: torch.Tensor | None = None, *, learn_scale: bool = True, learn_zero: bool = True) -> None:
+                 bias: torch.Tensor | None = None, *, learn_scale: bool = True, learn_zero: bool = True,
+                 act_spec: ActSpec | None = None) -> None:
         super().__init__()
-        check_spec(spec)
-        self.spec = spec
+        check_spec(spec, act_spec)
+        self.spec, self.act_spec = spec, act_spec
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.register_buffer("scale_init", scale.detach().float().clone().abs().clamp(min=1e-8))
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale_init), requires_grad=learn_scale)
-        self.zero = nn.Parameter(zero.detach().float().clone(), requires_grad=learn_zero and not spec.symmetric)
+        self.zero = nn.Parameter(zero.detach().float().clone(), requires_grad=learn_zero and spec.has_zero)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self.qmin, self.qmax = P.int_range(spec.bits, spec.symmetric)
+        self.qmin, self.qmax = P.int_range(spec.bits, spec.symmetric) if spec.format == "int" else (0, 15)
+        self.register_buffer("codes", None)  # freeze_codes(): the integer codes
         self.lora_A: nn.Parameter | None = None  # QA-LoRA (add_group_lora)
         self.lora_B: nn.Parameter | None = None
         self.lora_scaling = 1.0
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, weight: torch.Tensor | None = None,
-                       spec: QuantSpec | None = None, **kwargs: bool) -> "FakeQuantLinear":
+                       spec: QuantSpec | None = None, **kwargs: Any) -> "FakeQuantLinear":
         """Start from a stored weight: its scale and zero-point, and (default) its dequantized values as the float
         weight, so that the first forward equals the quantized model's. ``spec``: train in another spec of the same
         grid (e.g. float zero-points for QA-LoRA)."""
         w = qw.dequantize(torch.float32) if weight is None else weight
-        scale, zero = qw.scale, qw.zero_point
-        assert scale is not None and zero is not None
+        scale = qw.scale
+        assert scale is not None
+        zero = qw.zero_point if qw.spec.format == "int" else torch.zeros_like(scale)
         return cls(w, spec or qw.spec, scale, zero, bias, **kwargs)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, spec: QuantSpec, name: str = "weight", **kwargs: bool) -> "FakeQuantLinear":
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec, name: str = "weight", **kwargs: Any) -> "FakeQuantLinear":
         """Round-to-nearest ranges of a float ``nn.Linear`` (the float weight kept as the starting point)."""
         w = linear.weight.detach().float()
-        scale, zero = codecs.int_qparams(w, spec, name)
+        if spec.format == "int":
+            scale, zero = codecs.int_qparams(w, spec, name)
+        else:  # codebook formats: the block absmax, as stored
+            scale = codecs.stored_scale(P.grouped(w, spec, name).abs().amax(-1), spec)
+            zero = torch.zeros_like(scale)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(w, spec, scale, zero, bias, **kwargs)
 
@@ -89,7 +103,7 @@ class FakeQuantLinear(nn.Module):
         """(scale as stored, integer zero-point) [R, G], differentiable through STE."""
         s = self.scale_init * torch.exp(self.log_scale)
         s = _ste(s, codecs.stored_scale(s.detach(), self.spec))
-        if self.spec.symmetric:
+        if not self.spec.has_zero:
             return s, torch.zeros_like(s)
         if self.spec.float_zero:  # stored as a float: only its dtype round trip
             return s, _ste(self.zero, self.zero.detach().to(codecs.SCALE_TORCH_DTYPES[self.spec.zero_dtype]).float())
@@ -99,11 +113,45 @@ class FakeQuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """Ŵ [out, in]: what the converted layer stores (float32)."""
         s, z = self.qparams()
-        x = P.grouped(self.weight, self.spec)
-        v = x / s.unsqueeze(-1) + z.unsqueeze(-1)
-        q = torch.clamp(_ste(v, torch.round(v.detach())), self.qmin, self.qmax)
+        if self.spec.format != "int":
+            return self._codebook_weight(s)
+        if self.codes is not None:  # frozen integer codes: only scales, zero-points (and an adapter) move
+            q = P.grouped(self.codes.float(), self.spec)
+        else:
+            x = P.grouped(self.weight, self.spec)
+            v = x / s.unsqueeze(-1) + z.unsqueeze(-1)
+            q = torch.clamp(_ste(v, torch.round(v.detach())), self.qmin, self.qmax)
         z_out = z if self.lora_A is None else self._zero_with_lora(s, z)
         return ((q - z_out.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    def _codebook_weight(self, s: torch.Tensor) -> torch.Tensor:
+        """NF4/FP4: Ŵ = c[nearest code of W/s]·s, the rounding straight through, the scale LSQ-like."""
+        book = codebooks.codebook(self.spec.format).to(self.weight.device)
+        x = P.grouped(self.weight, self.spec)
+        if self.codes is not None:
+            c = book[P.grouped(self.codes.long(), self.spec)]
+        else:
+            y = x / s.unsqueeze(-1)
+            nearest = book[P.quantize_codebook(x.detach(), s.detach(), book).long()]
+            c = _ste(y.clamp(-1.0, 1.0), nearest)  # outside [-1, 1]: no gradient to the weight, as in LSQ
+        return (c * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Fix the integer codes q at their current values: the weight stops training and a scale change
+        rescales the codes instead of re-rounding the weight (QA-LoRA keeps the base model's codes; re-rounding a
+        GPTQ weight under a moved scale throws away GPTQ's error compensation)."""
+        s, z = self.qparams()
+        if self.spec.format != "int":
+            book = codebooks.codebook(self.spec.format).to(self.weight.device)
+            codes = P.quantize_codebook(P.grouped(self.weight, self.spec), s, book)
+            self.codes = codes.reshape(self.out_features, self.in_features)
+            self.weight.requires_grad_(False)
+            return
+        v = P.grouped(self.weight, self.spec) / s.unsqueeze(-1) + z.unsqueeze(-1)
+        codes = torch.clamp(torch.round(v), self.qmin, self.qmax).reshape(self.out_features, self.in_features)
+        self.codes = codes.to(torch.int8 if self.qmin < 0 else torch.uint8)  # a registered buffer
+        self.weight.requires_grad_(False)
 
     # ---- QA-LoRA: a group-wise low-rank update that lives in the zero-points --------------------
     def add_group_lora(self, rank: int, alpha: float | None = None, seed: int = 0) -> None:
@@ -137,12 +185,23 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
-        return torch.nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias
+        if self.act_spec is not None:  # what the W·A kernel multiplies: the input's codes, rounding passed through
+            from lowbit.kernels.reference import fake_quantize_activation
+
+            x2d = x.reshape(-1, x.shape[-1]).float()
+            xq = _ste(x2d, fake_quantize_activation(x2d.detach(), self.act_spec))
+            return torch.nn.functional.linear(xq, w, bias).reshape(*x.shape[:-1], -1).to(x.dtype)
+        return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     # ---- conversion -----------------------------------------------------------------------------
     @torch.no_grad()
     def to_quantized(self) -> QuantizedWeight:
         s, z = self.qparams()
+        if self.spec.format != "int":  # the learned absmax as stored, codes chosen on that grid
+            stored = codecs.store_scale(s, self.spec)
+            tensors = codecs.encode_on_grid(self.quantized_weight(), stored, self.spec)
+            return QuantizedWeight(self.spec, (self.out_features, self.in_features), tensors)
         if self.lora_A is not None:  # the adapter is merged: it is part of the zero-point
             z = self._zero_with_lora(s, z)
         return QuantizedWeight.from_qparams(self.quantized_weight(), self.spec, s.detach(), z.detach())
@@ -150,8 +209,8 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def convert(self) -> QuantLinear:
         """The packed layer computing exactly this layer's forward."""
-        return QuantLinear.from_weight(self.to_quantized(), self.bias).to(self.weight.device)
+        return QuantLinear.from_weight(self.to_quantized(), self.bias, act_spec=self.act_spec).to(self.weight.device)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"spec={self.spec.describe()}")
+                f"spec={self.spec.describe()}" + ("" if self.act_spec is None else f", act={self.act_spec.describe()}"))
