@@ -123,3 +123,35 @@ def test_cli_prunes_saves_and_loads(tmp_path, capsys):
     assert main(["quantize", "builtin:tiny-lm", "-o", str(q), "--quiet"]) == 0
     assert main(["prune", str(q), "-o", str(tmp_path / "y"), "--method", "magnitude", "--quiet"]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_joint_sparsegpt_quantization_keeps_zeros_and_beats_prune_then_round():
+    """SparseGPT + int4 in one pass (the paper's joint mode): a packed model, ≥ 50 % exact zeros in every layer,
+    and on the layer output below pruning first and rounding the survivors afterwards."""
+    from lowbit.formats.spec import QuantSpec
+    from lowbit.tensor import QuantizedWeight
+
+    w, x = _layer(2)
+    spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+    hessian = 2 * x.t() @ x / x.shape[0]
+    joint = sparsegpt_prune(w, hessian, PruneConfig("sparsegpt", 0.5, quant=spec))
+    assert isinstance(joint, QuantizedWeight) and joint.spec == spec
+    deq = joint.dequantize()
+    assert (deq == 0).float().mean() >= 0.5
+    then_round = QuantizedWeight.from_float(sparsegpt_prune(w, hessian, PruneConfig("sparsegpt", 0.5)), spec).dequantize()
+    assert (then_round == 0).float().mean() >= 0.5  # rounding keeps zeros too (code z) …
+    assert _output_error(w, deq, x) < 0.9 * _output_error(w, then_round, x)  # … but loses more
+    with pytest.raises(InvalidSpecError, match="joint"):
+        PruneConfig("wanda", quant=spec)
+
+
+def test_cli_joint_prune_quantize(tmp_path, capsys):
+    from lowbit.nn.quant_linear import QuantLinear
+
+    out = tmp_path / "sq"
+    assert main(["prune", "builtin:tiny-lm", "--method", "sparsegpt", "--bits", "4", "--group-size", "64",
+                 "--calib-samples", "4", "--calib-seq-len", "64", "-o", str(out), "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["quantized"] == "int4-g64-asym" and report["sparsity"] >= 0.5
+    layer = lowbit.load(out).model.layers[2].self_attn.o_proj
+    assert isinstance(layer, QuantLinear) and (layer.weight.dequantize() == 0).float().mean() >= 0.5

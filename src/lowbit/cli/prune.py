@@ -33,6 +33,12 @@ def add_parser(sub: Any, common: Any) -> None:
     p.add_argument("--nm", default=None, metavar="N:M",
                    help="semi-structured pattern: zero N of every M consecutive inputs of each row (e.g. 2:4); "
                         "overrides --sparsity")
+    j = p.add_argument_group("joint pruning + quantization (--method sparsegpt)")
+    j.add_argument("--bits", type=int, default=None,
+                   help="also quantize the kept weights to this many bits in the same SparseGPT pass (the result is "
+                        "a packed lowbit model whose pruned weights are exactly 0)")
+    j.add_argument("--group-size", type=int, default=128, help="columns per scale group with --bits (0: per row)")
+    j.add_argument("--symmetric", action="store_true", help="symmetric grid with --bits (default asymmetric)")
     s = p.add_argument_group("structured (--method structured)")
     s.add_argument("--heads", type=float, default=None, metavar="F",
                    help="fraction of every layer's query heads to remove (GQA: whole KV groups or the same number "
@@ -58,13 +64,20 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     if out.exists() and not args.overwrite:  # fail before any work
         raise OutputExistsError(f"{out}: already exists; choose another output path or pass --overwrite")
     if args.method == "structured":
+        if args.bits is not None:
+            raise InvalidSpecError("--bits: joint quantization is SparseGPT's; prune structured, then quantize")
         return _structured(args, out)
     given = [flag for flag, value in (("--heads", args.heads), ("--mlp", args.mlp), ("--blocks", args.blocks))
              if value is not None]
     if given:
         raise InvalidSpecError(f"{', '.join(given)}: only with --method structured (this is --method {args.method})")
     sparsity = 0.5 if args.sparsity is None else args.sparsity
-    config = PruneConfig(args.method, sparsity, parse_nm(args.nm) if args.nm else None)
+    quant = None
+    if args.bits is not None:
+        from lowbit.formats.spec import QuantSpec
+
+        quant = QuantSpec.int_(args.bits, args.group_size or None, symmetric=args.symmetric)
+    config = PruneConfig(args.method, sparsity, parse_nm(args.nm) if args.nm else None, quant=quant)
     model = load(args.model)
     tokenizer = load_tokenizer(model) if config.needs_data else None
     calib = CalibConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_field)
@@ -72,11 +85,13 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                          show_progress=not args.quiet)
     model.to("cpu")
     save(model, out, overwrite=args.overwrite)
-    report = {"out": str(out), "model": args.model, **result.to_dict()}
+    report = {"out": str(out), "model": args.model, **result.to_dict(),
+              "quantized": None if quant is None else quant.describe()}
     if not args.json:
+        joint = "" if quant is None else f", quantized to {quant.describe()} in the same pass"
         print(f"pruned {len(result.layers)} layers of {args.model} ({result.method}"
-              f"{'' if result.nm is None else ' ' + result.nm}): {100 * result.sparsity:.1f} % of their weights are "
-              f"zero, in {result.seconds:.1f} s → {out}")
+              f"{'' if result.nm is None else ' ' + result.nm}{joint}): {100 * result.sparsity:.1f} % of their "
+              f"weights are zero, in {result.seconds:.1f} s → {out}")
         low = sorted(result.layers.items(), key=lambda kv: kv[1])[:1]
         for name, frac in low:
             print(f"  least sparse layer: {name} {100 * frac:.1f} %")

@@ -27,6 +27,10 @@ import torch
 from torch import nn
 
 from lowbit.errors import InvalidSpecError, ShapeError
+from lowbit.formats import primitives as P
+from lowbit.formats.spec import QuantSpec
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.tensor import QuantizedWeight
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "nm")
 DEFAULT_BLOCK = 128  # SparseGPT: columns per block (mask selection and lazy update)
@@ -42,6 +46,7 @@ class PruneConfig:
     nm: tuple[int, int] | None = None
     damp: float = 0.01           # SparseGPT: fraction of mean(diag(H)) added to the diagonal
     block_size: int = DEFAULT_BLOCK
+    quant: QuantSpec | None = None  # SparseGPT only: quantize the kept weights in the same pass (joint)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +60,11 @@ class PruneConfig:
             object.__setattr__(self, "sparsity", n / m)
         if not 0.0 < self.sparsity < 1.0:
             raise InvalidSpecError(f"sparsity must be between 0 and 1 (exclusive), got {self.sparsity}")
+        if self.quant is not None and (self.method != "sparsegpt" or self.quant.format != "int"
+                                       or self.quant.granularity == "tensor" or self.quant.float_zero):
+            raise InvalidSpecError("joint pruning + quantization is SparseGPT's (--method sparsegpt) onto an int "
+                                   "format with per-channel or per-group scales and integer zero-points, not "
+                                   f"{self.method} / {self.quant.describe()}")
 
     @property
     def needs_data(self) -> bool:
@@ -117,9 +127,16 @@ def wanda_prune(weight: torch.Tensor, input_sq: torch.Tensor, config: PruneConfi
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfig,
-                    name: str = "weight") -> torch.Tensor:
-    """SparseGPT: prune ``weight`` [N, K] given its input Hessian [K, K]; returns the pruned, updated weight."""
-    from lowbit.algorithms.gptq import GPTQConfig, _inverse_hessian_cholesky
+                    name: str = "weight") -> torch.Tensor | QuantizedWeight:
+    """SparseGPT: prune ``weight`` [N, K] given its input Hessian [K, K]; returns the pruned, updated weight.
+
+    With ``config.quant`` the kept weights are also rounded onto that integer grid column by column, each
+    column's pruning *and* rounding error compensated on the columns not yet processed (the SparseGPT paper's
+    joint sparsification + quantization); the scales and zero-points are GPTQ's static groups (min/max range
+    shrunk for least error, from the weight before pruning). Returns the QuantizedWeight then: pruned weights
+    are code z, i.e. exactly 0.
+    """
+    from lowbit.algorithms.gptq import GPTQConfig, _group_qparams, _inverse_hessian_cholesky
 
     w = weight.detach().float().clone()
     _check_nm(w, config.nm, name)
@@ -128,6 +145,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: PruneCo
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    spec = config.quant
+    if spec is not None:
+        scale, zero = _group_qparams(w, spec, GPTQConfig(), name)  # [N, G]
+        g = spec.group_size if spec.granularity == "group" else k
+        qmin, qmax = P.int_range(spec.bits, spec.symmetric)
     hinv = _inverse_hessian_cholesky(h, GPTQConfig(damp=config.damp), name)
     del h
     for i1 in range(0, k, config.block_size):
@@ -152,13 +174,19 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: PruneCo
                 lowest = torch.topk(score, config.nm[0], dim=1, largest=False).indices
                 mask1[:, i:i + m].scatter_(1, lowest, True)
             col = w1[:, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
+            q = col
+            if spec is not None:
+                s, z = scale[:, (i1 + i) // g], zero[:, (i1 + i) // g]
+                q = (torch.clamp(torch.round(col / s + z), qmin, qmax) - z) * s
+            q = q.masked_fill(mask1[:, i], 0.0)
             e = (col - q) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             w1[:, i] = q
             err1[:, i] = e
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if spec is not None:
+        return QuantizedWeight.from_qparams(w, spec, scale, zero, name)
     return w
 
 
@@ -200,7 +228,6 @@ class PruneResult:
 def prune_targets(model: nn.Module) -> list[str]:
     """The layers pruning covers: those ``lowbit quantize`` would quantize by default (every linear layer but
     the output head)."""
-    from lowbit.formats.spec import QuantSpec
     from lowbit.models.targets import select_targets
     from lowbit.recipe import QuantRecipe
 
@@ -211,7 +238,6 @@ def prune_model(model: nn.Module, config: PruneConfig, *, tokenizer: Any = None,
                 device: str | torch.device = "cpu", batch_size: int = 8, show_progress: bool = False) -> PruneResult:
     """Prune ``model``'s linear layers in place (float weights with zeros); returns the per-layer sparsity."""
     from lowbit.models.targets import float_weight, is_conv1d, linear_dims
-    from lowbit.nn.quant_linear import QuantLinear
 
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise InvalidSpecError("prune the float model, then quantize (this one is already quantized)")
@@ -222,7 +248,14 @@ def prune_model(model: nn.Module, config: PruneConfig, *, tokenizer: Any = None,
     result = PruneResult(config.method, None if config.nm is None else f"{config.nm[0]}:{config.nm[1]}",
                          config.sparsity)
 
-    def store(name: str, module: nn.Module, pruned: torch.Tensor) -> None:
+    def store(name: str, module: nn.Module, pruned: torch.Tensor | QuantizedWeight) -> nn.Module:
+        if isinstance(pruned, QuantizedWeight):  # joint SparseGPT + quantization: the packed layer takes its place
+            new = QuantLinear.from_weight(pruned, getattr(module, "bias", None))
+            zeros = int((pruned.dequantize() == 0).sum())
+            result.layers[name] = zeros / pruned.numel
+            result.zeros += zeros
+            result.params += pruned.numel
+            return new
         param = module.weight
         with torch.no_grad():
             param.data = (pruned.t().contiguous() if is_conv1d(module) else pruned).to(param.dtype).to(param.device)
@@ -230,6 +263,7 @@ def prune_model(model: nn.Module, config: PruneConfig, *, tokenizer: Any = None,
         result.layers[name] = zeros / pruned.numel()
         result.zeros += zeros
         result.params += pruned.numel()
+        return module
 
     for name in targets:  # shapes first: fail before any work
         _check_nm(float_weight(model.get_submodule(name)), config.nm, name)
@@ -261,8 +295,7 @@ def prune_model(model: nn.Module, config: PruneConfig, *, tokenizer: Any = None,
             pruned = sparsegpt_prune(w, job.stats.hessian, config, job.name)
         else:  # wanda / nm
             pruned = wanda_prune(w, job.stats.sq, config, job.name)
-        store(job.name, job.module, pruned)
-        return job.module
+        return store(job.name, job.module, pruned)
 
     run_layer_by_layer(model, batches, targets={n: None for n in targets}, make_stats=make_stats, replace=replace,
                        device=device, sequential=sparsegpt, share_stats=True, show_progress=show_progress)
