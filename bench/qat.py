@@ -5,7 +5,8 @@ same windows of the built-in calibration corpus (disjoint from the eval text). T
 Rows: w2g64 and w3g128 (full-weight QAT from round-to-nearest ranges) and w4g128 (QA-LoRA on the GPTQ model);
 ``converted Δ`` is the max |logit difference| between the fake-quant model and its packed conversion.
 
-    .venv/bin/python bench/qat.py [--steps 640] [--samples 128] [--formats w2g64,w3g128,w4g128-lora] [--json out.json]
+    .venv/bin/python bench/qat.py [--steps 640] [--samples 128] [--formats w2g64,w3g128,w4g128-lora] [--e2e-steps 0]
+                                  [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=640, help="QAT optimizer steps per block")
     ap.add_argument("--samples", type=int, default=128, help="calibration / training windows of 256 tokens")
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--e2e-steps", type=int, default=0, help="end-to-end distillation steps after the block phase")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tok = load_tokenizer(load("builtin:tiny-lm"))
@@ -53,8 +55,8 @@ def main() -> None:
             row[method], row[f"{method}_s"] = perplexity(model, ids).ppl, time.perf_counter() - start
         model = load("builtin:tiny-lm")
         lr = 1e-3 if rank else 2e-4
-        result = qat(model, QATConfig(spec, steps=args.steps, lora_rank=rank, lr=lr), tokenizer=tok, calib=calib,
-                     show_progress=True, convert=False)
+        result = qat(model, QATConfig(spec, steps=args.steps, lora_rank=rank, lr=lr, e2e_steps=args.e2e_steps),
+                     tokenizer=tok, calib=calib, show_progress=True, convert=False)
         with torch.no_grad():
             fake = model(input_ids=probe).logits
             convert_qat(model)
@@ -64,7 +66,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: rtn {row['rtn']:.3f}  gptq {row['gptq']:.3f}  qat {row['qat']:.3f} ({row['qat_s']:.0f} s)  "
               f"qat/gptq {row['qat'] / row['gptq']:.3f}  converted Δ {row['converted_max_abs_diff']:.2e}", flush=True)
-    print(f"\nfloat {dense:.3f}; {args.steps} steps per block, {args.samples} windows\n")
+    print(f"\nfloat {dense:.3f}; {args.steps} steps per block, {args.samples} windows, {args.e2e_steps} e2e steps\n")
     print("| format | method | RTN | GPTQ | QAT | QAT / GPTQ | QAT time | converted Δ |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['format']} | {r['method']} | {r['rtn']:.3f} | {r['gptq']:.3f} | {r['qat']:.3f} | "

@@ -244,12 +244,13 @@ def test_cli_qat_lora_saves_a_model_that_loads(tmp_path, capsys):
 
     eval_file.write_text((builtin_dir("tiny-lm") / "eval.txt").read_text()[:4000])
     rc = main(["qat", "builtin:tiny-lm", "--bits", "4", "--group-size", "128", "--lora", "4", "--data", "builtin",
-               "--samples", "4", "--seq-len", "64", "--steps", "3", "--eval-data", str(eval_file), "-o", str(out),
-               "--json", "--quiet"])
+               "--samples", "4", "--seq-len", "64", "--steps", "3", "--e2e-steps", "2", "--eval-data", str(eval_file),
+               "-o", str(out), "--json", "--quiet"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["method"] == "qat-lora" and report["format"] == "int4-g128-asym-fz" and report["layers"] == 28
     assert report["ppl"]["qat"] > 0 and not (out / "checkpoint").exists()
+    assert report["e2e_steps"] == 2 and report["e2e_loss"] > 0  # the end-to-end distillation phase ran
     model = lowbit.load(out)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantLinear) and q.weight.spec.float_zero

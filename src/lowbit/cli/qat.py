@@ -49,6 +49,10 @@ def add_parser(sub: Any, common: Any) -> None:
                                                                   "freezes them; default 2e-3)")
     q.add_argument("--lora", type=int, default=0, metavar="R", help="QA-LoRA rank (0: full-weight QAT)")
     q.add_argument("--lora-alpha", type=float, default=None, help="QA-LoRA alpha (default: the rank)")
+    q.add_argument("--e2e-steps", type=int, default=0,
+                   help="after the block phase: N steps of end-to-end distillation from the float model on the same "
+                        "windows, training scales, zero-points and adapters (default 0)")
+    q.add_argument("--e2e-lr", type=float, default=1e-4, help="learning rate of the end-to-end phase (default 1e-4)")
     q.add_argument("--init", default=None, choices=("rtn", "gptq"),
                    help="starting ranges (default rtn; gptq with --lora)")
     q.add_argument("--eval-data", default=None, help="held-out text: report perplexity before (RTN) and after")
@@ -81,7 +85,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
     act_spec = None if args.act_bits is None else ActSpec.dynamic_per_token(bits=args.act_bits)
     lr = args.lr if args.lr is not None else (1e-3 if args.lora else 2e-4)
     config = QATConfig(spec, act_spec=act_spec, steps=args.steps, batch_size=args.batch_size, lr=lr, lr_qparams=args.lr_qparams,
-                       lora_rank=args.lora, lora_alpha=args.lora_alpha, init=args.init, seed=args.seed)
+                       lora_rank=args.lora, lora_alpha=args.lora_alpha, init=args.init, seed=args.seed,
+                       e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr)
     out = Path(args.out)
     start = time.perf_counter()
     model = lowbit.load(args.model)

@@ -7,6 +7,8 @@ train them block by block to reproduce the float model, convert to packed :class
 Training is block-wise reconstruction (the Block-AP phase of EfficientQAT, Chen et al. 2024): for each decoder
 block in turn, the target is the *float* block's output on the float model's hidden states, the input is the
 hidden state coming out of the already trained quantized blocks, and the loss is their mean squared difference.
+Optionally (``e2e_steps``) a second, end-to-end phase then trains the scales, zero-points (and adapters) of the
+whole model to match the float model's next-token distributions (EfficientQAT's E2E-QP, as distillation).
 The block's weights (straight-through rounding), its learnable scales (LSQ, as log-multipliers) and zero-points
 are trained with AdamW under a cosine schedule. Each step sees a small batch of calibration windows; ``steps``
 counts the optimizer steps per block. Why block-wise: on the built-in LM, end-to-end QAT on a small corpus
@@ -62,6 +64,9 @@ class QATConfig:
     lora_alpha: float | None = None
     init: str | None = None     # default: rtn for full QAT, gptq for QA-LoRA
     seed: int = 0
+    e2e_steps: int = 0          # then: end-to-end distillation from the float model (scales, zero-points, adapters)
+    e2e_lr: float = 1e-4
+    e2e_batch_size: int = 4
 
     def __post_init__(self) -> None:
         if self.lora_rank and (self.spec.format != "int" or self.spec.symmetric):
@@ -74,7 +79,9 @@ class QATConfig:
         check_spec(self.spec, self.act_spec)
         if self.init is not None and self.init not in INITS:
             raise InvalidSpecError(f"QAT init {self.init!r}: choose one of {', '.join(INITS)}")
-        for name in ("steps", "batch_size"):
+        if self.e2e_steps < 0 or self.e2e_lr <= 0:
+            raise InvalidSpecError(f"QAT: e2e_steps ≥ 0 and e2e_lr > 0 (got {self.e2e_steps}, {self.e2e_lr})")
+        for name in ("steps", "batch_size", "e2e_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise InvalidSpecError(f"QAT {name} must be ≥ 1, got {getattr(self, name)}")
         if self.lora_rank < 0 or self.lr <= 0 or self.lr_qparams < 0:
@@ -102,6 +109,7 @@ class QATResult:
     blocks: dict[int, BlockFit] = field(default_factory=dict)
     samples: int = 0
     seconds: float = 0.0
+    e2e_loss: float | None = None  # the distillation loss (KL to the float model) at the end of the e2e phase
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -109,6 +117,7 @@ class QATResult:
                 "act": None if c.act_spec is None else c.act_spec.describe(),
                 "init": c.start, "steps_per_block": c.steps, "batch_size": c.batch_size, "lr": c.lr,
                 "lr_qparams": c.lr_qparams, "lora_rank": c.lora_rank, "calib_samples": self.samples,
+                "e2e_steps": c.e2e_steps, "e2e_loss": self.e2e_loss,
                 "layers": len(self.layers), "seconds": round(self.seconds, 3),
                 "mse_start": round(sum(b.loss_start for b in self.blocks.values()), 8),
                 "mse_end": round(sum(b.loss_end for b in self.blocks.values()), 8),
@@ -191,6 +200,7 @@ def qat(model: nn.Module, config: QATConfig, *, tokenizer: Any = None, calib: An
         tokenizer = load_tokenizer(model)
     calib = calib or CalibConfig(samples=128)
     prefix, blocks = find_blocks(model)  # before the swap: the runner finds blocks by their linear layers
+    teacher = copy.deepcopy(model).eval() if config.e2e_steps else None
     before = dict(model.named_modules())
     targets = prepare_qat(model, config.spec, init=config.start, tokenizer=tokenizer, calib=calib, device=device,
                           show_progress=show_progress, act_spec=config.act_spec)
@@ -231,6 +241,9 @@ def qat(model: nn.Module, config: QATConfig, *, tokenizer: Any = None, calib: An
         float_in = float_out
         for name in mine:
             originals.pop(block_prefix + name)
+    if teacher is not None:
+        result.e2e_loss = _end_to_end(model, teacher, ids, config, device, show_progress)
+        del teacher
     model.train(was_training)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -238,6 +251,30 @@ def qat(model: nn.Module, config: QATConfig, *, tokenizer: Any = None, calib: An
         convert_qat(model)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _end_to_end(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: QATConfig,
+                device: torch.device, show_progress: bool) -> float:
+    """EfficientQAT's second phase, with lowbit's distillation trainer: the whole quantized model learns the float
+    model's next-token distributions (forward KL) on the training windows; only the scales, zero-points and
+    adapters train (the weights/codes stay as the block phase left them)."""
+    from lowbit.compress.distill import DistillTrainer
+    from lowbit.train.data import TokenDataset
+    from lowbit.train.trainer import TrainConfig
+
+    for layer in model.modules():
+        if isinstance(layer, FakeQuantLinear):
+            for p in (layer.log_scale, layer.lora_A, layer.lora_B):
+                if p is not None:
+                    p.requires_grad_(True)
+            layer.zero.requires_grad_(layer.spec.has_zero)
+    data = TokenDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    train = TrainConfig(steps=config.e2e_steps, batch_size=config.e2e_batch_size, lr=config.e2e_lr, schedule="cosine",
+                        seed=config.seed, show_progress=show_progress, log_every=max(1, config.e2e_steps // 10))
+    model.train()
+    result = DistillTrainer(model, train, data, teacher.to(device)).train()
+    model.eval()
+    return float(result.final_loss)
 
 
 @torch.no_grad()
