@@ -36,27 +36,41 @@ def build_empty_model(config_dict: dict[str, Any], where: str = "config.json") -
     """Instantiate the architecture named in ``config_dict`` with meta parameters."""
     import transformers
 
+    from lowbit.models.config_check import check_config
+
     model_type = config_dict.get("model_type")
     if not model_type:
         raise CorruptFileError(f"{where}: no 'model_type' field; is this a Hugging Face model config?")
-    try:
-        config = transformers.AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "quantization_config"})
-    except (ValueError, KeyError) as exc:
+    check_config(config_dict, where)  # typed errors naming the field, before transformers sees a value
+    values = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    if model_type not in transformers.CONFIG_MAPPING:
         raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not known to transformers "
-                                    f"{transformers.__version__} ({exc})") from None
+                                    f"{transformers.__version__}")
+    try:
+        config = transformers.AutoConfig.for_model(**values)
+    except Exception as exc:  # noqa: BLE001 — transformers' validation raises many types; all mean a bad value
+        raise CorruptFileError(f"{where}: transformers rejects this {model_type} config: {_reason(exc)}") from None
     model_cls = _model_class(config, config_dict.get("architectures") or [], where)
-    with params_on_meta(), _default_dtype(torch.float32):
-        model = model_cls(config)
+    try:
+        with params_on_meta(), _default_dtype(torch.float32):
+            model = model_cls(config)
+    except Exception as exc:  # noqa: BLE001 — a constructor failing on a checked config: still the config's fault
+        raise CorruptFileError(f"{where}: cannot build {model_cls.__name__} from this config: {_reason(exc)}") from None
     model.eval()
     return model
+
+
+def _reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def _model_class(config: Any, architectures: list[str], where: str) -> type[nn.Module]:
     import transformers
 
     for name in architectures:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type):
+        cls = getattr(transformers, name, None) if not name.startswith("_") else None
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
         mapping = getattr(auto, "_model_mapping", None)
