@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
@@ -21,32 +23,152 @@ DEFAULT_SHARD_BYTES = 1 << 30
 
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it is renamed to ``out``, on error removed.
+    """Yield a temporary sibling directory; on success it replaces ``out`` in one atomic step, on error it is removed.
 
-    Readers never see a half-written ``out``: it appears (or is replaced) in one rename.
+    Crash safety (SIGKILL, power loss): every file is fsynced before the rename and the parent directory after
+    it, so ``out`` is either absent, the complete previous version or the complete new one. An existing ``out``
+    is swapped with the new one by one ``renameat2(RENAME_EXCHANGE)`` (Linux), never deleted first; elsewhere a
+    two-step rename whose interruption the next run repairs. Temporary directories of dead processes (their pid
+    is in the name) are removed when the next writer of the same output starts. Two processes writing the same
+    ``out`` without ``overwrite``: the second to finish gets OutputExistsError; with ``overwrite`` the last wins.
     """
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_output_dir(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another output path or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
+        _publish(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "previous")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    try:
+        os.rename(tmp, out)  # out absent (or an empty directory): atomic
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        if not overwrite:
+            raise OutputExistsError(f"{out}: was created by another process while this one was writing it; "
+                                    "nothing of this run was kept (pass --overwrite to replace it)") from None
+        if _exchange(tmp, out):  # tmp now holds the previous version
+            fsync_dir(out.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        os.rename(out, old / "previous")  # interrupted here: recover_output_dir puts it back
         os.rename(tmp, out)
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+        return
+    fsync_dir(out.parent)
+
+
+def recover_output_dir(out: Path) -> None:
+    """Repair what a killed writer of ``out`` (a directory or a single file) left: restore a previous version parked by the two-step rename, and
+    remove temporary directories whose process is gone."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    for item in parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, pid = _litter(item.name, out.name)
+        if kind is None or _alive(pid):
+            continue
+        parked = item / "previous"
+        if kind == "old" and parked.is_dir() and not out.exists():
+            os.rename(parked, out)
+            fsync_dir(parent)
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+
+
+def _litter(name: str, out_name: str) -> tuple[str | None, int]:
+    rest = name[len(out_name) + 2:] if name.startswith(f".{out_name}.") else ""
+    kind, _, tail = rest.partition("-")
+    pid = tail.partition("-")[0]
+    if kind not in ("tmp", "old") or not pid.isdigit():
+        return None, 0
+    return kind, int(pid)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory (deepest first)."""
+    dirs = []
+    for current, _, files in os.walk(root):
+        dirs.append(Path(current))
+        for name in files:
+            path = Path(current) / name
+            if not path.is_symlink():
+                fsync_file(path)
+    for directory in reversed(dirs):
+        fsync_dir(directory)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 

@@ -114,7 +114,10 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, type: str = "
         p.nbytes = quants.row_bytes(_qtype(p.qtype), p.shape[-1]) * (p.shape[0] if len(p.shape) == 2 else 1)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    from lowbit.io.writer import recover_output_dir
+
+    recover_output_dir(out)  # temporary files of killed exports (their pid is in the name)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     code_errors: list[float] = []
