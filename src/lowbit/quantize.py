@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[str, Any], *,
              calibration: "CalibConfig | None" = None, tokenizer: Any = None, device: str = "cpu",
-             show_progress: bool = False) -> nn.Module:
+             show_progress: bool = False, checkpoint_dir: Any = None) -> nn.Module:
     """Quantize ``model``'s ``nn.Linear`` / transformers ``Conv1D`` layers in place.
 
     Args:
@@ -34,11 +34,13 @@ def quantize(model: nn.Module, spec_or_recipe: QuantSpec | QuantRecipe | dict[st
         calibration: calibration data for data-driven methods (default: the built-in demo corpus).
         tokenizer: tokenizer for the calibration text (default: loaded from ``model.lowbit_source``).
         device: where blocks are computed during calibration.
+        checkpoint_dir: GPTQ/AWQ: save each finished block there and resume from it (see
+            :func:`lowbit.algorithms.ptq.quantize_calibrated`).
     Returns:
         the same ``model`` object, its layers now :class:`~lowbit.nn.QuantLinear`.
     """
     recipe = as_recipe(spec_or_recipe)
-    model = _quantize(model, recipe, calibration, tokenizer, device, show_progress)
+    model = _quantize(model, recipe, calibration, tokenizer, device, show_progress, checkpoint_dir)
     if recipe.tied_head == "share":
         share_quantized_head(model)
     else:
@@ -67,7 +69,7 @@ def _own_float_tensors(model: nn.Module) -> None:
 
 
 def _quantize(model: nn.Module, recipe: QuantRecipe, calibration: "CalibConfig | None", tokenizer: Any,
-              device: str, show_progress: bool) -> nn.Module:
+              device: str, show_progress: bool, checkpoint_dir: Any = None) -> nn.Module:
     if not recipe.streams:
         from lowbit.algorithms.calib_data import CalibConfig
         from lowbit.algorithms.weight_only import method_config
@@ -81,7 +83,7 @@ def _quantize(model: nn.Module, recipe: QuantRecipe, calibration: "CalibConfig |
             from lowbit.algorithms.ptq import quantize_calibrated
 
             return quantize_calibrated(model, recipe, tokenizer, calibration, device=device,
-                                       show_progress=show_progress)
+                                       show_progress=show_progress, checkpoint_dir=checkpoint_dir)
         from lowbit.algorithms.w8a8 import quantize_with_activations
 
         return quantize_with_activations(model, recipe, options, tokenizer, calibration, device=device,

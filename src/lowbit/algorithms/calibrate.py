@@ -101,7 +101,7 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
                        replace: Callable[[LayerJob], nn.Module], device: torch.device | str = "cpu",
                        prepare_block: Callable[[nn.Module, str, dict[str, LayerJob], Callable[[], Any]], None] | None = None,
                        sequential: bool = False, share_stats: bool = False,
-                       show_progress: bool = True) -> dict[str, nn.Module]:
+                       show_progress: bool = True, checkpoint: Any = None) -> dict[str, nn.Module]:
     """Quantize the ``targets`` inside the model's blocks, block by block, on calibration ``batches``.
 
     Args:
@@ -114,6 +114,8 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         sequential: quantize a block's layers stage by stage in execution order (layers reading the same
             input form a stage: q/k/v, then o_proj, then gate/up, then down_proj), each stage's statistics
             collected with the earlier stages already quantized ("true sequential" GPTQ).
+        checkpoint: a :class:`~lowbit.algorithms.block_checkpoint.BlockCheckpoint`: finished blocks are saved
+            to it, and blocks it already holds are restored instead of computed (a resumed run).
     Returns:
         {name: new module} of the layers replaced.
     """
@@ -136,6 +138,12 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
             lazy.materialize(index)
         block = blocks[index].to(device)
         block_prefix = f"{prefix}.{index}."
+        if checkpoint is not None and checkpoint.done(index):  # resumed: put it back, run it for the next inputs
+            done.update({block_prefix + n: m for n, m in checkpoint.restore(block, index).items()})
+            inputs.hidden = _run_block(block, inputs)
+            blocks[index] = block.to(block_device[id(blocks[index])])
+            release_memory()
+            continue
         layers = {n: m for n, m in block.named_modules() if n and is_linear(m) and block_prefix + n in targets}
         stages = _stages(block, layers, inputs) if sequential else [list(layers)]
         for stage in stages:
@@ -154,6 +162,8 @@ def run_layer_by_layer(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         for module in block.modules():  # kernel-layout copies made by that forward are not needed any more
             if isinstance(module, QuantLinear):
                 module.reset_kernel()
+        if checkpoint is not None:
+            checkpoint.save(block, index)
         blocks[index] = block.to(block_device[id(blocks[index])])
         release_memory()  # the block's float weights and statistics are garbage now
         check_budget(f"after block {index}")

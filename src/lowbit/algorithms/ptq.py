@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,12 +21,27 @@ from lowbit.recipe import QuantRecipe
 
 def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, calib: CalibConfig, *,
                         device: str | torch.device = "cpu", batch_size: int = 8,
-                        show_progress: bool = True) -> nn.Module:
-    """Quantize ``model`` in place with a data-driven method (``recipe.method``, e.g. GPTQ)."""
+                        show_progress: bool = True, checkpoint_dir: str | Path | None = None) -> nn.Module:
+    """Quantize ``model`` in place with a data-driven method (``recipe.method``, e.g. GPTQ).
+
+    ``checkpoint_dir``: every finished block is saved there; a run of the same recipe, calibration and model
+    finds them and continues after the last one (the result is the same as an uninterrupted run's).
+    """
     options = method_config(recipe)
     targets = select_targets(model, recipe)
     check_target_shapes(model, targets)
     ids = calibration_batches(tokenizer, calib)  # [samples, seq_len]
+    checkpoint = None
+    if checkpoint_dir is not None:
+        from lowbit.algorithms.block_checkpoint import BlockCheckpoint, run_fingerprint
+
+        checkpoint = BlockCheckpoint(checkpoint_dir, run_fingerprint(
+            recipe.to_dict(), str(options), batch_size, _model_identity(model), ids))
+        if checkpoint.finished and show_progress:
+            import sys
+
+            print(f"lowbit: resuming {recipe.method} after block {max(checkpoint.finished)} (saved in "
+                  f"{checkpoint_dir})", file=sys.stderr)
     batches = [{"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size])}
                for i in range(0, ids.shape[0], batch_size)]
 
@@ -58,7 +74,8 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
     _require_memory(model, targets, calib, batch_size, recipe)
     done = run_layer_by_layer(model, batches, targets=targets, make_stats=make_stats, replace=replace,
                               device=device, prepare_block=prepare_block, sequential=sequential,
-                              share_stats=recipe.method == "gptq", show_progress=show_progress)
+                              share_stats=recipe.method == "gptq", show_progress=show_progress,
+                              checkpoint=checkpoint)
     for name in set(targets) - set(done):  # layers outside the block list (a BERT pooler, an output head)
         module = model.get_submodule(name)
         if recipe.method == "gptq":  # no captured inputs: GPTQ with H = I, i.e. RTN on GPTQ's MSE-clipped grid
@@ -71,6 +88,19 @@ def quantize_calibrated(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, c
         set_submodule(model, name, qlinear.to(module.weight.device))
     model.lowbit_method = recipe.method  # type: ignore[attr-defined]
     return model
+
+
+def _model_identity(model: nn.Module) -> dict[str, Any]:
+    """What the model is, for a resume fingerprint: its config and (loaded from disk) its weight files' stamps."""
+    config = getattr(model, "config", None)
+    identity: dict[str, Any] = {"config": config.to_dict() if hasattr(config, "to_dict") else None}
+    source = getattr(model, "lowbit_source", None)
+    if source is not None and Path(source).is_dir():
+        identity["files"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in sorted(Path(source).glob("*.safetensors"))]
+    else:
+        identity["params"] = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return identity
 
 
 def _awq_block(block: nn.Module, prefix: str, jobs: dict[str, LayerJob], run: Any, targets: dict[str, Any],

@@ -8,6 +8,7 @@ which tensors are linear weights and their module types), then each checkpoint t
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +179,13 @@ def _quantize_loaded(source: str | Path, recipe: QuantRecipe, out: Path, overwri
         warnings.warn(f"{source} is already quantized: re-quantizing its dequantized weights compounds the rounding "
                       "error; quantize the float model instead where you have it", stacklevel=3)
         dequantize_model(model)
-    quantize(model, recipe, calibration=calibration, device=device, show_progress=show_progress)
+    # GPTQ/AWQ save each finished block next to OUT: a killed run started again continues after the last one
+    resume_dir = out.parent / f".{out.name}.resume" if recipe.method in ("gptq", "awq") else None
+    quantize(model, recipe, calibration=calibration, device=device, show_progress=show_progress,
+             checkpoint_dir=resume_dir)
     extra = None if already_quantized else {"source": str(source)}
     save(model, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes, extra_config=extra)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
     specs = {name: m.spec for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     return QuantizeResult(out, len(specs), model_size(model), time.perf_counter() - start, specs)

@@ -1,0 +1,78 @@
+"""GPTQ and AWQ runs resume after a kill from the last finished block, with the same result as an uninterrupted
+run (issue 21): in process (a checkpoint cut back to its first blocks) and for real (SIGKILL of `lowbit quantize`
+once two blocks are saved, then the same command again)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.algorithms.calib_data import CalibConfig
+from lowbit.algorithms.ptq import quantize_calibrated
+from lowbit.formats.spec import QuantSpec
+from lowbit.quantize import load_tokenizer
+from lowbit.recipe import QuantRecipe
+
+from crash_support import ENV, digest, run
+
+CALIB = CalibConfig(samples=4, seq_len=64)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_resumed_run_equals_uninterrupted(tmp_path: Path, method: str) -> None:
+    recipe = QuantRecipe(QuantSpec(bits=4, group_size=64, symmetric=False), method)
+    tok = load_tokenizer(lowbit.load("builtin:tiny-lm"))
+    ck = tmp_path / "ck"
+    whole = quantize_calibrated(lowbit.load("builtin:tiny-lm"), recipe, tok, CALIB, show_progress=False,
+                                checkpoint_dir=ck)
+    state = json.loads((ck / "state.json").read_text())
+    assert sorted(state["blocks"]) == ["0", "1", "2", "3"]
+    state["blocks"] = {k: v for k, v in state["blocks"].items() if k in ("0", "1")}  # as if killed in block 2
+    (ck / "state.json").write_text(json.dumps(state))
+    (ck / "block-2.safetensors").unlink()
+    resumed = quantize_calibrated(lowbit.load("builtin:tiny-lm"), recipe, tok, CALIB, show_progress=False,
+                                  checkpoint_dir=ck)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # another recipe finds a checkpoint that is not its own: ignored and replaced, never mixed in
+    other = QuantRecipe(QuantSpec(bits=3, group_size=64, symmetric=False), method)
+    quantize_calibrated(lowbit.load("builtin:tiny-lm"), other, tok, CALIB, show_progress=False, checkpoint_dir=ck)
+    assert json.loads((ck / "state.json").read_text())["fingerprint"] != state["fingerprint"]
+
+
+def test_sigkill_gptq_then_rerun_resumes(tmp_path: Path) -> None:
+    argv = ["quantize", "builtin:tiny-lm", "--method", "gptq", "--calib-samples", "8", "--calib-seq-len", "64"]
+    ref = tmp_path / "ref"
+    assert run([*argv, "-o", str(ref), "--quiet"]).returncode == 0
+    out = tmp_path / "out"
+    state = tmp_path / ".out.resume" / "state.json"
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit", *argv, "-o", str(out), "--quiet"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(state.read_text())["blocks"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and len(json.loads(state.read_text())["blocks"]) >= 2
+    again = subprocess.run([sys.executable, "-m", "lowbit", *argv, "-o", str(out)], env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming gptq after block" in again.stderr
+    assert digest(out) == digest(ref)  # the same files, bit for bit
+    assert not state.parent.exists()  # the checkpoint is gone once the output is written
