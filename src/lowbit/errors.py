@@ -45,3 +45,7 @@ class GGUFError(CorruptFileError):
 
 class ExportError(LowbitError):
     """A model cannot be written in the requested external format (names the layer/field and why)."""
+
+
+class NumericalError(LowbitError, ArithmeticError):
+    """A computation produced NaN/Inf from finite inputs; the message names the layer (and its kernel)."""

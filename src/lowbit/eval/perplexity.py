@@ -96,8 +96,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 def window_logits(model: nn.Module, ids: torch.Tensor, batch: list[Window]) -> torch.Tensor:
     """Float32 logits [B, L, V] of a batch of equal-length windows of ``ids`` ([T] int64)."""
+    from lowbit.eval.numerics import check_finite_output
+
     inputs = torch.stack([ids[w.start : w.end] for w in batch]).to(model_device(model))  # [B, L]
     logits = model(input_ids=inputs).logits  # [B, L, V] (+ virtual positions in front: prompt tuning)
+    check_finite_output(model, logits, lambda: model(input_ids=inputs))  # names the layer that made a NaN
     return logits[:, logits.shape[1] - inputs.shape[1]:].float()
 
 
