@@ -41,3 +41,19 @@ def test_an_infinite_scale_is_named() -> None:
 def test_finite_models_pay_one_check() -> None:
     model = _model()
     assert perplexity(model, IDS, seq_len=64).ppl > 1
+
+
+def test_packed_weights_keep_their_storage_dtypes_through_module_casts() -> None:
+    """model.to(bfloat16) / .half() / .float() move a stored weight but never re-type it: fp16 scales cast to bf16
+    and back would lose bits (and a packed uint8 tensor must never become a float)."""
+    model = _model()
+    layer = model.model.layers[0].mlp.down_proj
+    before = {k: v.clone() for k, v in layer.weight.tensors.items()}
+    order = list(layer.state_dict())
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(model)
+        after = layer.weight.tensors
+        assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in before.items()}
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    assert layer.bias is None or layer.bias.dtype == torch.float32
+    assert list(layer.state_dict()) == order  # the stored order is kept too

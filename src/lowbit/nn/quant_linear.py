@@ -121,8 +121,23 @@ class QuantLinear(nn.Module):
         return self.prepare_kernel().kernel.name
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        self._prepared = None  # .to()/.cuda()/.half() replace the buffers: repack for the new ones
-        return super()._apply(fn, recurse)
+        """``.to()``/``.cuda()``/``.half()``: the stored weight moves between devices but keeps its storage dtypes
+        (fp16 scales cast to bf16 and back would lose bits the format promises to keep); bias and input
+        qparams follow the module dtype as usual."""
+        self._prepared = None  # the buffers are replaced: repack for the new ones
+        order = list(self._buffers)
+        stored = {name: self._buffers.pop(name) for name in self._tensor_names if name in self._buffers}
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for name, tensor in stored.items():
+                if tensor is not None:
+                    device = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device)).device
+                    stored[name] = tensor.to(device)
+            buffers = {name: stored[name] if name in stored else self._buffers[name] for name in order}
+            self._buffers.clear()
+            self._buffers.update(buffers)
+        return result
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._prepared = None
