@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from lowbit.errors import InvalidSpecError, OutputExistsError
+from lowbit.errors import InvalidSpecError
+from lowbit.io.writer import prepare_run_dir, replace_durably, write_json_durably
 
 CACHE_NAME = "teacher_topk.safetensors"
 RUN_FILE = "lowbit_distill.json"
@@ -80,18 +80,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise InvalidSpecError("--layer-map applies to the hidden-state loss: give --hidden-weight too")
 
 
-def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise OutputExistsError(f"{out}: already exists (use --resume to continue its run, or --overwrite)")
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def load_student(ref: str, teacher: Any, *, init: str, seed: int) -> tuple[Any, str]:
     """The student and its kind (``config``, ``float`` or ``quantized``) from a directory or a config JSON."""
     import lowbit
@@ -127,7 +115,7 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
     _check_flags(args)
     layer_map = parse_layer_map(args.layer_map) if args.layer_map else None
     out = Path(args.out)
-    _prepare_out(out, resume=args.resume, overwrite=args.overwrite)
+    prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
     start = time.perf_counter()
     teacher = lowbit.load(args.teacher)
     tokenizer = load_tokenizer(teacher)
@@ -185,7 +173,7 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
     if kind == "quantized":
         summary["note"] = ("quantized student: only its float parameters (embeddings, norms, unquantized head) were "
                            "trained; the packed weights stay fixed (use QAT to train those)")
-    _write_json(out / RUN_FILE, {"result": summary, "data": str(Path(args.data).resolve()),
+    write_json_durably(out / RUN_FILE, {"result": summary, "data": str(Path(args.data).resolve()),
                                  "train_config": {k: str(v) if isinstance(v, Path) else v
                                                   for k, v in dataclasses.asdict(config).items()}})
     if not args.json:
@@ -214,18 +202,7 @@ def save_model_into(model: Any, out: Path, tokenizer: Any) -> None:
         save(model, staged, overwrite=True, source_dir=tok_dir)
     try:
         for item in sorted(staged.iterdir()):
-            _fsync_replace(item, out / item.name)
+            replace_durably(item, out / item.name)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _fsync_replace(tmp, path)
-
-
-def _fsync_replace(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, dest)

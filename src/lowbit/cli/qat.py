@@ -67,7 +67,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
 
     import lowbit
     from lowbit.algorithms.calib_data import CalibConfig
-    from lowbit.cli.distill import _prepare_out, _write_json, save_model_into
+    from lowbit.cli.distill import save_model_into
+    from lowbit.io.writer import prepare_run_dir, write_json_durably
     from lowbit.compress.qat import QATConfig, qat
     from lowbit.formats.spec import QuantSpec
     from lowbit.quantize import load_tokenizer
@@ -99,7 +100,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
 
         eval_ids = tokenize_text(tokenizer, read_text(Path(args.eval_data)))
     fresh = not out.exists()
-    _prepare_out(out, resume=args.resume, overwrite=args.overwrite)  # after the inputs are known to be readable
+    prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)  # after the inputs are known to be readable
     try:
         if eval_ids is not None:
             ppl["float"] = perplexity(model, eval_ids).ppl
@@ -116,7 +117,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"out": str(out), "model": args.model, "data": args.data, **result.to_dict(),
                "ppl": ppl if args.eval_data else None, "total_seconds": round(time.perf_counter() - start, 3),
                "file_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
-    _write_json(out / RUN_FILE, summary)
+    write_json_durably(out / RUN_FILE, summary)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if not args.json:
         act = f" + {config.act_spec.describe()} activations" if config.act_spec else ""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import CorruptFileError, InvalidSpecError
+from lowbit.io.writer import replace_durably
 from lowbit.progress import progress
 from lowbit.train.data import IGNORE_INDEX
 from lowbit.train.errors import DataError
@@ -269,12 +269,6 @@ def dataset_fingerprint(data: Any) -> str:
     return digest.hexdigest()
 
 
-def _fsync_replace(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, dest)
-
-
 @torch.no_grad()
 def build_logit_cache(teacher: nn.Module, data: Any, path: str | Path, *, k: int = 64, temperature: float = 1.0,
                       batch_size: int = 8, value_dtype: torch.dtype = torch.float16,
@@ -319,7 +313,7 @@ def build_logit_cache(teacher: nn.Module, data: Any, path: str | Path, *, k: int
                 "chunk_rows": str(batch_size), "fingerprint": dataset_fingerprint(data),
                 "teacher": str(getattr(teacher, "lowbit_source", "") or type(teacher).__name__)}
         out.close(meta)
-        _fsync_replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
             leftover.unlink(missing_ok=True)

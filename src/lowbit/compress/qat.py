@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -387,15 +386,17 @@ class _Checkpoint:
     def save(self, block: nn.Module, index: int, fit: BlockFit) -> None:
         from safetensors.torch import save_file
 
+        from lowbit.io.writer import replace_durably
+
         self.path.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in _block_state(block).items()}
         tmp = self.path / f".block-{index}.safetensors.tmp"
         save_file(tensors, str(tmp))
-        _replace(tmp, self.path / f"block-{index}.safetensors")
+        replace_durably(tmp, self.path / f"block-{index}.safetensors")
         self.state["blocks"][str(index)] = fit.to_dict()
         tmp = self.path / ".state.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
-        _replace(tmp, self.path / "state.json")
+        replace_durably(tmp, self.path / "state.json")
 
     def restore(self, block: nn.Module, index: int, fit: BlockFit) -> BlockFit:
         from lowbit.io.safetensors_io import open_safetensors
@@ -418,8 +419,3 @@ def _block_state(block: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{n}.{k}": p for n, m in block.named_modules() if isinstance(m, FakeQuantLinear)
             for k, p in m.named_parameters(recurse=False) if p is not None}
 
-
-def _replace(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, dest)

@@ -165,6 +165,32 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(directory)
 
 
+def replace_durably(tmp: Path, dest: Path) -> None:
+    """``os.replace(tmp, dest)`` with ``tmp`` fsynced before and the directory after: survives a power cut."""
+    fsync_file(tmp)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+def write_json_durably(path: Path, data: dict[str, Any]) -> None:
+    """A run's JSON record (sorted keys), written to a temporary name and durably renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    replace_durably(tmp, path)
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """A training run's directory (logs, checkpoint, results): created, or kept for ``resume``, or replaced with
+    ``overwrite``; an existing non-empty one is otherwise an OutputExistsError."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise OutputExistsError(f"{out}: already exists (use --resume to continue its run, or --overwrite)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -8,15 +8,14 @@ on the fly for QLoRA, the result figures), which ``load_with_adapter`` reads bac
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 
-from lowbit.errors import CorruptFileError, OutputExistsError
+from lowbit.errors import CorruptFileError
+from lowbit.io.writer import prepare_run_dir, replace_durably, write_json_durably
 from lowbit.peft.config import AdapterConfig
 from lowbit.peft.model import apply_adapter, count_parameters
 from lowbit.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, saved_config
@@ -71,7 +70,7 @@ def finetune(model: nn.Module, adapter: AdapterConfig, train_data: Any, train_co
     out = Path(out)
     rank0 = init_distributed().is_main
     if rank0:
-        _prepare_out(out, resume=train_config.resume, overwrite=overwrite)
+        prepare_run_dir(out, resume=train_config.resume, overwrite=overwrite)
     import torch
 
     torch.manual_seed(train_config.seed)  # adapter initialisation is part of the run: --seed fixes it
@@ -87,7 +86,7 @@ def finetune(model: nn.Module, adapter: AdapterConfig, train_data: Any, train_co
                              round(result.seconds, 3), trainable, total)
     if rank0:
         write_adapter_files(model, out, adapter_name)
-        _write_json(out / RUN_FILE, {"base": base or {}, "adapter_name": adapter_name, "result": summary.to_dict(),
+        write_json_durably(out / RUN_FILE, {"base": base or {}, "adapter_name": adapter_name, "result": summary.to_dict(),
                                      "data": data_source,
                                      "train_config": _jsonable(asdict(config))})
     return summary
@@ -108,19 +107,18 @@ def write_adapter_files(model: nn.Module, out: Path, name: str = "default") -> N
 
     tmp = out / f".{WEIGHTS_NAME}.tmp"
     save_file(adapter_state_dict(model, name), str(tmp), metadata={"format": "pt"})
-    _fsync_replace(tmp, out / WEIGHTS_NAME)
-    _write_json(out / CONFIG_NAME, saved_config(model, name))
+    replace_durably(tmp, out / WEIGHTS_NAME)
+    write_json_durably(out / CONFIG_NAME, saved_config(model, name))
 
 
 def read_run(adapter_dir: str | Path) -> dict[str, Any]:
     """``lowbit_finetune.json`` of an adapter directory ({} for adapters lowbit did not train)."""
+    from lowbit.models.resolve import read_json
+
     path = Path(adapter_dir) / RUN_FILE
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{path}: invalid JSON ({exc})") from None
+    return read_json(path)
 
 
 def load_with_adapter(model_ref: str | Path, adapter_dir: str | Path, *, name: str = "default",
@@ -129,37 +127,15 @@ def load_with_adapter(model_ref: str | Path, adapter_dir: str | Path, *, name: s
     import lowbit
     from lowbit.peft.peft_format import load_adapter
 
-    base = read_run(adapter_dir).get("base", {})
+    base = read_run(adapter_dir).get("base") or {}
+    if not isinstance(base, dict):
+        raise CorruptFileError(f"{Path(adapter_dir) / RUN_FILE}: 'base' must be an object, got {type(base).__name__}")
     if base.get("loftq"):  # LoftQ chose the quantized base itself; it lives beside the adapter
         model_ref = Path(adapter_dir) / "base"
     model = lowbit.load(model_ref)
     quantize_base(model, base.get("quantize"))
     load_adapter(model, adapter_dir, name)
     return model.to(device).eval()
-
-
-def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise OutputExistsError(f"{out}: already exists (use --resume to continue its run, or --overwrite)")
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _fsync_replace(tmp, path)
-
-
-def _fsync_replace(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, dest)
 
 
 def _jsonable(data: Any) -> Any:

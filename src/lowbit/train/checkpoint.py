@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CorruptFileError
+from lowbit.io.writer import fsync_dir, fsync_file
 from lowbit.train.errors import CheckpointMismatchError
 
 FORMAT_VERSION = 1
@@ -55,13 +56,6 @@ class Checkpoint:
 
 # ---- writing --------------------------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def save_checkpoint(out_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
                     rng: dict[str, torch.Tensor], state: dict[str, Any],
@@ -79,11 +73,11 @@ def save_checkpoint(out_dir: str | Path, *, params: dict[str, torch.Tensor], opt
                               ("callbacks", callbacks or {})):
             path = tmp / f"{name}.safetensors"
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
-            _fsync(path)
+            fsync_file(path)
         body = dict(state, format_version=FORMAT_VERSION)
         (tmp / "state.json").write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-        _fsync(tmp / "state.json")
-        _fsync(tmp)
+        fsync_file(tmp / "state.json")
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -94,7 +88,7 @@ def save_checkpoint(out_dir: str | Path, *, params: dict[str, torch.Tensor], opt
         else:
             shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(out_dir)
+    fsync_dir(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
