@@ -1,7 +1,7 @@
 """Pruning on the built-in LM: perplexity after 50 % unstructured and 2:4 pruning by magnitude, Wanda and SparseGPT.
 
-With ``--joint-bits B`` (default 4): SparseGPT quantizing the kept weights to intB-g128 in the same pass (the
-SparseGPT paper's joint mode) against pruning first and rounding the survivors afterwards.
+With ``--joint-bits B …`` (default 4 3 2): SparseGPT quantizing the kept weights to intB-g128 in the same pass
+(the SparseGPT paper's joint mode) against pruning first and rounding the survivors afterwards.
 
 Held-out perplexity on the built-in eval text (all windows of 256 tokens), calibration on the built-in calib
 corpus (disjoint). The reference ordering is Wanda's README on Llama-2-7B wikitext at 50 %: dense 5.12,
@@ -29,7 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--joint-bits", type=int, default=4, help="SparseGPT + int quantization rows (0: none)")
+    ap.add_argument("--joint-bits", type=int, nargs="*", default=[4, 3, 2],
+                    help="SparseGPT + int quantization rows, joint vs prune-then-round, per bit width (none: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tok = load_tokenizer(load("builtin:tiny-lm"))
@@ -46,11 +47,11 @@ def main() -> None:
                          "seconds": time.perf_counter() - start})
             print(f"{rows[-1]['pattern']:18s} {method:10s} ppl {rows[-1]['ppl']:8.3f}  ({rows[-1]['seconds']:.1f} s)",
                   flush=True)
-    if args.joint_bits:  # SparseGPT + int quantization in one pass vs pruning first and rounding afterwards
-        from lowbit.formats.spec import QuantSpec
-        from lowbit.quantize import quantize
+    from lowbit.formats.spec import QuantSpec
+    from lowbit.quantize import quantize
 
-        spec = QuantSpec.int_(args.joint_bits, 128, symmetric=False)
+    for bits in args.joint_bits:  # SparseGPT + int quantization in one pass vs pruning first and rounding afterwards
+        spec = QuantSpec.int_(bits, 128, symmetric=False)
         for joint in (False, True):
             model = load("builtin:tiny-lm")
             start = time.perf_counter()
