@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-KILLS = int(os.environ.get("LOWBIT_KILLS", "10"))
+KILLS = int(os.environ.get("LOWBIT_KILLS", "4"))  # per command; `make fuzz` runs 100
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -44,12 +44,10 @@ def kill_loop(argv: list[str], out: Path, *, kills: int = KILLS, seed: int = 0,
               rerun_argv: list[str] | None = None, check: Callable[[Path], None] | None = None,
               skip: Callable[[Path], bool] = lambda p: False) -> dict[str, int]:
     """Returns counts: kills, absent / complete outputs seen after a kill, litter entries cleaned up."""
-    first = run(argv)
-    assert first.returncode == 0, first.stderr[-2000:]
     start = time.perf_counter()
-    again = run(rerun_argv or argv)
+    first = run(argv)
     duration = time.perf_counter() - start
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert first.returncode == 0, first.stderr[-2000:]
     reference = digest(out, skip)
     rng = random.Random(seed)
     seen = {"kills": 0, "absent": 0, "complete": 0, "litter_after_kill": 0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,13 @@ def test_gptq_stops_when_rss_passes_the_cap_mid_run(tmp_path: Path, monkeypatch:
     with memory.memory_budget(limit), pytest.raises(MemoryBudgetError, match="after block"):
         quantize_pretrained("builtin:tiny-lm", recipe, out, show_progress=False,
                             calibration=CalibConfig(samples=4, seq_len=64))
-    assert not out.exists() and not list(tmp_path.iterdir())  # the temporary output was removed
+    # the temporary output was removed; what is left is the resume state of the blocks that finished …
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [".q.resume"]
+    assert json.loads((tmp_path / ".q.resume" / "state.json").read_text())["blocks"]
+    monkeypatch.setattr(memory, "current_rss", lambda: 0)
+    quantize_pretrained("builtin:tiny-lm", recipe, out, show_progress=False,  # … which a rerun continues from
+                        calibration=CalibConfig(samples=4, seq_len=64))
+    assert out.exists() and [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
 def test_streaming_rtn_checks_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,7 +52,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, method: str) -> None:
 
 
 def test_sigkill_gptq_then_rerun_resumes(tmp_path: Path) -> None:
-    argv = ["quantize", "builtin:tiny-lm", "--method", "gptq", "--calib-samples", "8", "--calib-seq-len", "64"]
+    argv = ["quantize", "builtin:tiny-lm", "--method", "gptq", "--calib-samples", "4", "--calib-seq-len", "64"]
     ref = tmp_path / "ref"
     assert run([*argv, "-o", str(ref), "--quiet"]).returncode == 0
     out = tmp_path / "out"
