@@ -10,7 +10,7 @@ LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 	-DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: demo test test-slow bench-streaming clean chromium-deps
+.PHONY: demo test test-slow bench-streaming clean chromium-deps fuzz
 
 $(BASE): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,3 +46,10 @@ bench-streaming: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+# Reliability at scale (issue 21): 10,000 mutated inputs per file reader and 100 SIGKILLs per long-running command;
+# prints the counts. The default suite runs a CI-sized share of each (500 cases per reader, 4 kills per command).
+fuzz: $(STAMP)
+	LOWBIT_FUZZ_CASES=10000 $(PY) -m pytest -q -s tests/test_fuzz_readers.py tests/test_gguf_fuzz.py \
+	  tests/test_gguf_import_fuzz.py -m "not slow or slow"
+	LOWBIT_KILLS=100 $(PY) -m pytest -q -s tests/test_crash_safety.py tests/test_crash_resume.py -k sigkill

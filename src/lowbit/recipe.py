@@ -61,6 +61,9 @@ class QuantRecipe:
         if isinstance(self.options, dict):
             object.__setattr__(self, "options", tuple(sorted(self.options.items())))
         for pattern in (*self.skip, *(self.include or ()), *(o.pattern for o in self.overrides)):
+            if not isinstance(pattern, str):
+                raise InvalidSpecError(f"layer pattern {pattern!r}: expected a string (a layer name or a regular "
+                                       "expression)")
             try:
                 re.compile(pattern)
             except re.error as exc:
@@ -102,28 +105,46 @@ class QuantRecipe:
         allowed = {"method", "default", "skip", "include", "overrides", "options", "tied_head"}
         if not isinstance(data, dict):
             raise InvalidSpecError(f"{where}: expected an object")
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted(set(data) - allowed, key=str)
         if unknown:
             raise InvalidSpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
         if "default" not in data:
             raise InvalidSpecError(f"{where}: missing 'default' spec")
+        raw_overrides = data.get("overrides") or []
+        if not isinstance(raw_overrides, list):
+            raise InvalidSpecError(f"{where}: overrides must be a list of {{'pattern': str, 'spec': spec or null}}")
         overrides = []
-        for i, item in enumerate(data.get("overrides") or []):
-            if not isinstance(item, dict) or set(item) - {"pattern", "spec"} or "pattern" not in item:
+        for i, item in enumerate(raw_overrides):
+            pattern = item.get("pattern") if isinstance(item, dict) else None
+            if not isinstance(pattern, str) or set(item) - {"pattern", "spec"}:
                 raise InvalidSpecError(f"{where}: overrides[{i}] must be {{'pattern': str, 'spec': spec or null}}")
             spec = item.get("spec")
-            overrides.append(LayerOverride(str(item["pattern"]),
+            overrides.append(LayerOverride(item["pattern"],
                                            None if spec is None else QuantSpec.from_dict(spec, f"{where}: overrides[{i}].spec")))
         include = data.get("include")
-        return cls(
-            default=QuantSpec.from_dict(data["default"], f"{where}: default"),
-            method=data.get("method", "rtn"),
-            skip=tuple(data.get("skip", DEFAULT_SKIP)),
-            include=None if include is None else tuple(include),
-            overrides=tuple(overrides),
-            options=tuple(sorted((data.get("options") or {}).items())),
-            tied_head=str(data.get("tied_head", "untie")),
-        )
+        options = data.get("options") or {}
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise InvalidSpecError(f"{where}: options must be an object {{name: value}}, got {_show(options)}")
+        for key in ("method", "tied_head"):
+            if not isinstance(data.get(key, ""), str):
+                raise InvalidSpecError(f"{where}: {key} must be a string, got {_show(data[key])}")
+        from lowbit.algorithms.weight_only import method_config
+
+        try:
+            recipe = cls(
+                default=QuantSpec.from_dict(data["default"], f"{where}: default"),
+                method=data.get("method", "rtn"),
+                skip=_patterns(data.get("skip", DEFAULT_SKIP), "skip", where),
+                include=None if include is None else _patterns(include, "include", where),
+                overrides=tuple(overrides),
+                options=tuple(sorted(options.items())),
+                tied_head=data.get("tied_head", "untie"),
+            )
+            method_config(recipe)  # the method's options are checked when the recipe is read
+        except InvalidSpecError as exc:
+            text = str(exc)
+            raise InvalidSpecError(text if text.startswith(f"{where}: ") else f"{where}: {text}") from None
+        return recipe
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantRecipe":
@@ -132,6 +153,21 @@ class QuantRecipe:
 
         data = load_json_or_yaml(path, "recipe")
         return cls.from_dict(data, str(path))
+
+
+def _patterns(value: Any, key: str, where: str) -> tuple[str, ...]:
+    """A recipe's ``skip``/``include``: a list of layer patterns (one string counts as a list of one)."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise InvalidSpecError(f"{where}: {key} must be a list of layer names or regular expressions, "
+                               f"got {_show(value)}")
+    return tuple(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def as_recipe(spec_or_recipe: QuantSpec | QuantRecipe | dict[str, Any]) -> QuantRecipe:

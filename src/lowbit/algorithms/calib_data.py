@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import InvalidSpecError, ModelNotFoundError
+from lowbit.errors import CorruptFileError, InvalidSpecError, LowbitError, ModelNotFoundError
 
 BUILTIN_CALIB = "builtin"
 
@@ -101,9 +101,42 @@ def _dataset_texts(path: Path, field: str) -> list[str]:
         import datasets
     except ImportError:
         raise InvalidSpecError(f"{path}: is a saved `datasets` dataset; pip install datasets to read it") from None
-    data = datasets.load_from_disk(str(path))
-    if isinstance(data, datasets.DatasetDict):
-        data = data["train"] if "train" in data else next(iter(data.values()))
-    if field not in data.column_names:
-        raise InvalidSpecError(f"{path}: dataset has no column {field!r}; columns: {data.column_names}")
-    return [str(t) for t in data[field]]
+    _check_arrow_files(path)
+    try:
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if not data:
+                raise InvalidSpecError(f"{path}: saved dataset has no splits")
+            data = data["train"] if "train" in data else next(iter(data.values()))
+        if field not in data.column_names:
+            raise InvalidSpecError(f"{path}: dataset has no column {field!r}; columns: {data.column_names}")
+        return [str(t) for t in data[field]]
+    except LowbitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets reports a damaged directory with many exception types
+        reason = " ".join(str(exc).split())[:200]
+        raise CorruptFileError(f"{path}: cannot read the saved dataset ({type(exc).__name__}: {reason})") from None
+
+
+def _check_arrow_files(path: Path) -> None:
+    """Validate (fully) every Arrow file the saved dataset's ``state.json`` files name, before ``datasets`` maps
+    them: on some corrupt files pyarrow aborts the process (an uncaught C++ exception) instead of raising."""
+    import pyarrow as pa
+
+    from lowbit.models.resolve import read_json
+
+    for state in sorted([*path.glob("state.json"), *path.glob("*/state.json")]):
+        files = read_json(state).get("_data_files")
+        if not isinstance(files, list):
+            raise CorruptFileError(f"{state}: no '_data_files' list")
+        for entry in files:
+            name = entry.get("filename") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise CorruptFileError(f"{state}: _data_files entry {str(entry)[:60]!r} names no file of the dataset")
+            file = state.parent / name
+            try:
+                with pa.OSFile(str(file)) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+                table.validate(full=True)
+            except (pa.ArrowException, OSError) as exc:
+                raise CorruptFileError(f"{file}: not a valid Arrow stream ({' '.join(str(exc).split())[:200]})") from None

@@ -6,6 +6,7 @@ These need no activations, so they run tensor by tensor while streaming a checkp
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
@@ -34,10 +35,33 @@ def method_config(recipe: QuantRecipe) -> Any:
         return None
     cls = classes[recipe.method]
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - names)
+    unknown = sorted(set(options) - names, key=str)
     if unknown:
         raise InvalidSpecError(f"unknown {recipe.method} option(s) {unknown}; allowed: {sorted(names)}")
+    for f in dataclasses.fields(cls):
+        if f.name in options:
+            _check_option(recipe.method, f.name, str(f.type), options[f.name])
     return cls(**options)
+
+
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_option(method: str, name: str, annotation: str, value: Any) -> None:
+    """A recipe option of a plain type (``bool``/``int``/``float``/``str``) must have it; numbers must be finite."""
+    types = _OPTION_TYPES.get(annotation)
+    if types is None:
+        return
+    ok = isinstance(value, types) and (annotation == "bool" or not isinstance(value, bool))
+    if ok and annotation == "float":
+        try:
+            ok = math.isfinite(float(value))
+        except OverflowError:  # an integer past the float range
+            ok = False
+    if not ok:
+        text = repr(value)
+        raise InvalidSpecError(f"{method} option {name} must be {'a finite ' if annotation == 'float' else 'a '}"
+                               f"{annotation}, got {text if len(text) <= 40 else text[:37] + '...'}")
 
 
 def weight_quantizer(recipe: QuantRecipe) -> WeightQuantizer:

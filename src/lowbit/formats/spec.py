@@ -160,7 +160,7 @@ def spec_from_dict(cls: type[SpecT], data: Any, where: str) -> SpecT:
     if not isinstance(data, dict):
         raise InvalidSpecError(f"{where}: expected an object, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # YAML keys need not be strings
     if unknown:
         raise InvalidSpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     try:

@@ -69,6 +69,8 @@ def quantized_layers(config: dict[str, Any], where: str) -> tuple[dict[str, Any]
     qcfg = config.get("quantization_config")
     if not qcfg:
         return {}, "none"
+    if not isinstance(qcfg, dict):
+        raise CorruptFileError(f"{where}: quantization_config must be an object, got {type(qcfg).__name__}")
     if qcfg.get("quant_method") != QUANT_METHOD:
         raise UnsupportedModelError(f"{where}: quantization_config.quant_method {qcfg.get('quant_method')!r} is not "
                                     "a lowbit checkpoint; lowbit reads float models and its own quantized ones")
@@ -174,21 +176,16 @@ def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: s
                 if defer_prefix is not None and name.startswith(defer_prefix):
                     deferred[name] = (file, key)
                     continue
-                tensor = handle.get_tensor(key)
-                want = expected[name]
-                if tuple(tensor.shape) != tuple(want.shape):
-                    raise CorruptFileError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, the model "
-                                           f"expects {tuple(want.shape)}")
-                if name in quantized:
-                    if tensor.dtype != want.dtype:
-                        raise CorruptFileError(f"{file}: tensor {key} has dtype {tensor.dtype}, expected {want.dtype}")
-                elif tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                state[name] = tensor
+                state[name] = checked_tensor(handle.get_tensor(key), expected[name], f"{file}: tensor {key}",
+                                             name in quantized, dtype)
     model.load_state_dict(state, strict=False, assign=True)
     for target, source in tied_parameter_names(model).items():
-        if target not in state:
-            _set_parameter(model, target, model.get_parameter(source))
+        if target in state:
+            continue
+        if target not in names or source not in names:  # e.g. a quantized head or a shared embedding
+            raise CorruptFileError(f"{path}: config.json ties {target} to {source} (tie_word_embeddings), but "
+                                   f"{target if target not in names else source} is not a plain weight of this model")
+        _set_parameter(model, target, model.get_parameter(source))
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                if t.is_meta and n not in deferred]
     if missing:
@@ -198,6 +195,22 @@ def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype, quantized: s
                 "reshaping lowbit does not apply; it reads tensors as stored or renamed)")
         raise CorruptFileError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}{hint}")
     return deferred
+
+
+def checked_tensor(tensor: torch.Tensor, want: torch.Tensor, where: str, quantized: bool,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """A tensor read for the model's ``want``, checked: the same shape; a quantized layer's tensors keep their
+    exact dtype, float ones must stay float (then cast to ``dtype``) and integer ones integer."""
+    if tuple(tensor.shape) != tuple(want.shape):
+        raise CorruptFileError(f"{where} has shape {tuple(tensor.shape)}, the model expects {tuple(want.shape)}")
+    if quantized:
+        if tensor.dtype != want.dtype:
+            raise CorruptFileError(f"{where} has dtype {tensor.dtype}, expected {want.dtype}")
+        return tensor
+    if tensor.is_floating_point() != want.is_floating_point():
+        raise CorruptFileError(f"{where} has dtype {tensor.dtype}; the model's tensor is "
+                               f"{'floating point' if want.is_floating_point() else want.dtype}")
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:

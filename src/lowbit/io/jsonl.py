@@ -23,8 +23,34 @@ def iter_jsonl(path: Path, error: type[Exception]) -> Iterator[tuple[int, dict[s
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise error(f"{path}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                except RecursionError:
+                    raise error(f"{path}:{line_no}: invalid JSON (nested too deeply)") from None
+                except ValueError as exc:  # e.g. an integer past Python's digit limit
+                    raise error(f"{path}:{line_no}: invalid JSON ({exc})") from None
                 if not isinstance(record, dict):
                     raise error(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                if "\\u" in line and not _is_text(record):
+                    raise error(f"{path}:{line_no}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                                "without its pair), which is not text")
                 yield line_no, record
     except UnicodeDecodeError as exc:
         raise error(f"{path}:{line_no + 1}: not UTF-8 text ({exc.reason})") from None
+
+
+def _is_text(record: dict[str, Any]) -> bool:
+    """Whether every string in ``record`` (keys too) is valid Unicode: JSON's \\u escapes can write half a
+    surrogate pair, which no text encoder accepts."""
+    stack: list[Any] = [record]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return True

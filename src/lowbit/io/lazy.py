@@ -25,21 +25,19 @@ class LazyBlocks:
 
     def materialize(self, index: int) -> None:
         """Load block ``index``'s tensors (float ones cast to the load dtype), replacing its meta tensors."""
+        from lowbit.io.checkpoint import checked_tensor
+
         prefix = f"{self.block_prefix}{index}."
         names = [n for n in self.deferred if n.startswith(prefix)]
         for name in names:
             file, key = self.deferred.pop(name)
             header, start = self._header(file)
             with open(file, "rb") as f:
-                tensor = read_tensor(f, header[key], start)
+                tensor = read_tensor(f, header[key], start, f"{file}: tensor {key}")
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name)
             current = getattr(module, attr)
-            if tuple(tensor.shape) != tuple(current.shape):
-                raise CorruptFileError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, the model "
-                                       f"expects {tuple(current.shape)}")
-            if tensor.is_floating_point() and name not in self.quantized:
-                tensor = tensor.to(self.dtype)
+            tensor = checked_tensor(tensor, current, f"{file}: tensor {key}", name in self.quantized, self.dtype)
             if attr in module._parameters:
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=current.requires_grad)
             else:
@@ -50,7 +48,7 @@ class LazyBlocks:
 
     def block_nbytes(self, index: int) -> int:
         """Bytes block ``index``'s tensors take once read (float ones at the load dtype)."""
-        from lowbit.io.st_format import NAME_DTYPES
+        from lowbit.io.st_format import entry_dtype
 
         prefix = f"{self.block_prefix}{index}."
         total = 0
@@ -58,7 +56,7 @@ class LazyBlocks:
             if not name.startswith(prefix):
                 continue
             entry = self._header(file)[0][key]
-            dtype = NAME_DTYPES[entry["dtype"]]
+            dtype = entry_dtype(entry, f"{file}: tensor {key}")
             if dtype.is_floating_point and name not in self.quantized:
                 dtype = self.dtype
             numel = 1

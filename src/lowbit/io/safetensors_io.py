@@ -21,6 +21,10 @@ def weight_files(model_dir: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptFileError(f"{index}: no 'weight_map' object")
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+                raise CorruptFileError(f"{index}: weight_map[{key!r}] must name a shard file in the model directory, "
+                                       f"got {_show(shard)}")
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -65,4 +69,9 @@ def stream_tensors(path: Path) -> Iterator[tuple[list[str], Any]]:
         keys = list(handle.keys())
     header, data_start = read_header(path)
     with open(path, "rb") as f:
-        yield keys, lambda key: read_tensor(f, header[key], data_start)
+        yield keys, lambda key: read_tensor(f, header[key], data_start, f"{path}: tensor {key}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

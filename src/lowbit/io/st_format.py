@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 import torch
 
+from lowbit.errors import CorruptFileError
+
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -35,14 +37,22 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + n
 
 
-def read_tensor(f: BinaryIO, entry: dict, data_start: int) -> torch.Tensor:
-    """One tensor by positional read; the returned tensor owns its memory."""
+def entry_dtype(entry: dict, where: str) -> torch.dtype:
+    """The torch dtype of a header entry; a dtype safetensors knows but lowbit does not read is an error."""
+    dtype = NAME_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CorruptFileError(f"{where}: dtype {entry['dtype']}; lowbit reads {', '.join(NAME_DTYPES)}")
+    return dtype
+
+
+def read_tensor(f: BinaryIO, entry: dict, data_start: int, where: str = "tensor") -> torch.Tensor:
+    """One tensor by positional read; the returned tensor owns its memory. ``where`` names it in errors."""
+    dtype = entry_dtype(entry, where)
     begin, end = entry["data_offsets"]
     buf = bytearray(end - begin)
     if end > begin:
         f.seek(data_start + begin)
         f.readinto(buf)
-    dtype = NAME_DTYPES[entry["dtype"]]
     if not buf:
         return torch.empty(entry["shape"], dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])

@@ -23,7 +23,9 @@ def load_json_or_yaml(path: str | Path, what: str) -> Any:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return yaml.safe_load(text)
+            # LibYAML's safe loader when PyYAML has it: it refuses nesting past 1000 levels at once, where the
+            # pure-Python scanner takes seconds to reach its RecursionError
+            return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         return json.loads(text)
     except Exception as exc:  # noqa: BLE001 - JSON and YAML raise different types
         raise InvalidSpecError(f"{path}: cannot parse {what} ({exc})") from None

@@ -42,7 +42,8 @@ def build_empty_model(config_dict: dict[str, Any], where: str = "config.json") -
     if not model_type:
         raise CorruptFileError(f"{where}: no 'model_type' field; is this a Hugging Face model config?")
     check_config(config_dict, where)  # typed errors naming the field, before transformers sees a value
-    values = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    # lowbit reads outputs by name (.logits); transformers' own models also fail on return_dict=false
+    values = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "return_dict")}
     if model_type not in transformers.CONFIG_MAPPING:
         raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not known to transformers "
                                     f"{transformers.__version__}")

@@ -29,6 +29,9 @@ SIZE_FIELDS: dict[str, tuple[int, int]] = {
 }
 POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range")
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# flags the model's forward branches on (a NaN or a string there passes construction and fails mid-forward)
+BOOL_FIELDS = ("output_hidden_states", "output_attentions", "use_cache", "return_dict", "tie_word_embeddings",
+               "is_encoder_decoder", "attention_bias", "mlp_bias")
 NESTED = ("text_config",)  # multimodal configs keep the language model's fields here
 
 
@@ -65,6 +68,10 @@ def _check_values(config: dict[str, Any], where: str, prefix: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise CorruptFileError(f"{where}: {prefix}{name} must be a finite number ≥ 0, got {_show(value)}")
+    for name in BOOL_FIELDS:
+        value = config.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise CorruptFileError(f"{where}: {prefix}{name} must be true or false, got {_show(value)}")
     vocab = config.get("vocab_size")
     for name in TOKEN_IDS:
         value = config.get(name)

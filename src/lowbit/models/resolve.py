@@ -50,8 +50,12 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelNotFoundError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise CorruptFileError(f"{path}: invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # bad syntax, not UTF-8, an integer past Python's digit limit
         raise CorruptFileError(f"{path}: invalid JSON ({exc})") from None
+    except OSError as exc:
+        raise CorruptFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise CorruptFileError(f"{path}: expected a JSON object at the top level")
     return data

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import InvalidSpecError, LowbitError
-from lowbit.peft.base import AdapterLayer, LayerAdapter, adapter_layers
+from lowbit.peft.base import AdapterLayer, LayerAdapter, adapter_layers, check_rank
 from lowbit.peft.config import AdapterConfig
 from lowbit.peft.model import LayerMethod, register_method
 
@@ -189,6 +189,7 @@ class AdaLoraAdapter(LayerAdapter):
 def make_adalora(layer: AdapterLayer, config: AdaLoraConfig, adapter_name: str, module_name: str) -> AdaLoraAdapter:
     pattern = config.pattern_for(module_name, adapter_name)
     r = config.init_r if pattern is None else sum(pattern)
+    check_rank(module_name, config.init_r, layer.in_features, layer.out_features, "init_r")  # before allocating
     adapter = AdaLoraAdapter(layer.in_features, layer.out_features, r, config.init_r, config.lora_alpha,
                              config.lora_dropout, config.init_lora_weights)
     adapter.rank_pattern = pattern

@@ -9,6 +9,8 @@ rather than silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,6 +46,7 @@ class AdapterConfig:
             _REGISTRY[cls.peft_type] = cls
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise InvalidSpecError(f"{type(self).__name__}.task_type must be one of {', '.join(TASK_TYPES)}; "
                                    f"got {self.task_type!r}")
@@ -69,6 +72,66 @@ class AdapterConfig:
         return cls(**data)
 
 
+# fields typed ``Any`` that hold layer names: None, a regular expression, or a list of names
+NAME_FIELDS = {"target_modules": (str, list), "exclude_modules": (str, list), "feedforward_modules": (str, list),
+               "modules_to_save": (list,)}
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                              "dict": (dict,), "list": (list,)}
+
+
+def check_field_types(config: Any) -> None:
+    """Every field of a config dataclass holds its annotated plain type (``int``, ``float`` — finite —, ``bool``,
+    ``str``, ``dict``, ``X | None``; a bool is no number), and name fields hold names; else InvalidSpecError."""
+    owner = type(config).__name__
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in NAME_FIELDS:
+            kinds = NAME_FIELDS[f.name]
+            if isinstance(value, (tuple, set)) and list in kinds:
+                value = list(value)
+            ok = value is None or (isinstance(value, kinds) and
+                                   (not isinstance(value, list) or all(isinstance(v, str) for v in value)))
+            if not ok:
+                raise InvalidSpecError(f"{owner}.{f.name} must be {'a regular expression or ' if str in kinds else ''}"
+                                       f"a list of module names, got {_show(value)}")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise InvalidSpecError(f"{owner}.{f.name} {_show(value)} is not a regular expression "
+                                           f"({exc})") from None
+            continue
+        alternatives = [a.strip() for a in str(f.type).split("|")]
+        if any(a not in _PLAIN_TYPES and a != "None" for a in alternatives):
+            continue  # Any, ClassVar, …: the class checks these itself
+        if value is None and "None" in alternatives:
+            continue
+        for a in alternatives:
+            types = _PLAIN_TYPES.get(a, ())
+            if isinstance(value, types) and (a == "bool" or not isinstance(value, bool)) \
+                    and (a != "float" or finite_number(value)):
+                break
+        else:
+            want = " or ".join("null" if a == "None" else f"a{'n' if a == 'int' else ''} {a}" for a in alternatives)
+            raise InvalidSpecError(f"{owner}.{f.name} must be {want.replace('a float', 'a finite number')}, "
+                                   f"got {_show(value)}")
+
+
+def finite_number(value: Any) -> bool:
+    """A real number (no bool) that fits a finite float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past the float range
+        return False
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def config_from_peft_dict(data: dict[str, Any], where: str = "adapter_config.json") -> AdapterConfig:
     """Parse a peft ``adapter_config.json`` into lowbit's config for its ``peft_type``."""
     peft_type = data.get("peft_type")
@@ -86,11 +149,14 @@ def config_from_peft_dict(data: dict[str, Any], where: str = "adapter_config.jso
         elif key in PEFT_NEUTRAL_KEYS or key in getattr(cls, "peft_ignored", {}):
             neutral = getattr(cls, "peft_ignored", {}).get(key, PEFT_NEUTRAL_KEYS.get(key))
             if value not in (None, False, {}, [], neutral) and key not in _INFORMATIONAL:
-                raise UnsupportedModelError(f"{where}: peft option {key}={value!r} is not supported by lowbit")
+                raise UnsupportedModelError(f"{where}: peft option {key}={_show(value)} is not supported by lowbit")
         else:
-            raise UnsupportedModelError(f"{where}: unknown {peft_type} option {key!r} (value {value!r}); "
+            raise UnsupportedModelError(f"{where}: unknown {peft_type} option {key!r} (value {_show(value)}); "
                                         "lowbit does not know how to apply it")
-    return cls(**mine)
+    try:
+        return cls(**mine)
+    except InvalidSpecError as exc:
+        raise InvalidSpecError(f"{where}: {exc}") from None
 
 
 _INFORMATIONAL = {"peft_version", "base_model_name_or_path", "revision", "inference_mode", "megatron_core",

@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.errors import InvalidSpecError, LowbitError
 from lowbit.peft.base import AdapterLayer, LayerAdapter, check_rank, set_base_weight
-from lowbit.peft.config import AdapterConfig, check_positive
+from lowbit.peft.config import AdapterConfig, check_positive, finite_number
 from lowbit.peft.model import LayerMethod, register_method
 
 
@@ -75,6 +75,17 @@ class LoraConfig(AdapterConfig):
         unknown = sorted(set(self.loftq_config) - {"loftq_iter", "loftq_bits", "spec"})
         if unknown:
             raise InvalidSpecError(f"LoraConfig.loftq_config: unknown key(s) {unknown}")
+        for what, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                try:
+                    re.compile(rf"(.*\.)?({key})$")
+                except re.error as exc:
+                    raise InvalidSpecError(f"LoraConfig.{what}: key {key!r} is not a regular expression "
+                                           f"({exc})") from None
+                integer = isinstance(value, int) or what == "alpha_pattern"
+                if not finite_number(value) or value <= 0 or not integer:
+                    raise InvalidSpecError(f"LoraConfig.{what}[{key!r}] must be a positive "
+                                           f"{'integer' if what == 'rank_pattern' else 'number'}, got {value!r}")
 
     def rank_for(self, name: str) -> int:
         return _pattern_value(self.rank_pattern, name, self.r)

@@ -9,7 +9,6 @@ key). Written atomically; only JSON and safetensors are read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,16 @@ from torch import nn
 
 from lowbit.errors import CorruptFileError, LowbitError, ModelNotFoundError
 from lowbit.io.writer import atomic_output_dir, write_json
+from lowbit.models.resolve import read_json
 from lowbit.peft.config import AdapterConfig, config_from_peft_dict
-from lowbit.peft.model import (adapter_config, apply_adapter, load_modules_to_save, method_for,
-                               modules_to_save_state, peft_state)
+from lowbit.peft.model import (
+    adapter_config,
+    apply_adapter,
+    load_modules_to_save,
+    method_for,
+    modules_to_save_state,
+    peft_state,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,13 +73,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         raise ModelNotFoundError(f"{path}: adapter directory not found")
     if not file.is_file():
         raise CorruptFileError(f"{path}: no {CONFIG_NAME} (not a peft adapter directory)")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{file}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CorruptFileError(f"{file}: expected a JSON object")
-    return config_from_peft_dict(data, str(file))
+    return config_from_peft_dict(read_json(file), str(file))
 
 
 def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -60,9 +60,12 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise InvalidSpecError(f"PrefixTuningConfig.prefix_projection must be a bool, "
                                    f"got {self.prefix_projection!r}")
         hidden = self.encoder_hidden_size
-        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
-            raise InvalidSpecError(f"PrefixTuningConfig.encoder_hidden_size must be a positive integer or None, "
-                                   f"got {hidden!r}")
+        if hidden is not None and (not isinstance(hidden, int) or not 1 <= hidden <= MAX_ENCODER_HIDDEN):
+            raise InvalidSpecError(f"PrefixTuningConfig.encoder_hidden_size must be an integer in [1, "
+                                   f"{MAX_ENCODER_HIDDEN}] or None, got {hidden!r}")
+
+
+MAX_ENCODER_HIDDEN = 1 << 17  # the prefix MLP's width: far above any model's hidden size
 
 
 class PrefixEncoder(PromptEncoder):

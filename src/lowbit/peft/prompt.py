@@ -167,6 +167,9 @@ def first_key(data: dict[str, Any], keys: tuple[str, ...], what: str, owner: str
                                 f"config); set {owner}.{what} yourself")
 
 
+MAX_VIRTUAL_TOKENS = 1 << 16  # for models that state no maximum number of positions
+
+
 def resolve_common(model: nn.Module, config: PromptLearningConfig, **fixed: int) -> dict[str, int]:
     """peft's ``_prepare_prompt_learning_config`` for the shared fields; ``fixed`` overrides (GQA …).
     Returns the resolved values; a value set in ``config`` that disagrees is a :class:`ShapeError`."""
@@ -184,6 +187,11 @@ def resolve_common(model: nn.Module, config: PromptLearningConfig, **fixed: int)
         given = getattr(config, key)
         if given is not None and given != value:
             raise ShapeError(f"{owner}.{key} is {given}, but this model needs {value}")
+    positions = next((int(data[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                      if isinstance(data.get(k), int)), MAX_VIRTUAL_TOKENS)
+    if config.num_virtual_tokens >= min(positions, MAX_VIRTUAL_TOKENS):  # checked before anything is allocated
+        raise ShapeError(f"{owner}.num_virtual_tokens is {config.num_virtual_tokens}: the virtual tokens must leave "
+                         f"room in the model's {min(positions, MAX_VIRTUAL_TOKENS)} positions")
     return want
 
 

@@ -27,6 +27,7 @@ from lowbit.io.jsonl import iter_jsonl
 from lowbit.train.errors import DataError, DataNotFoundError
 
 IGNORE_INDEX = -100
+MAX_CLASSES = 1 << 16  # integer class ids above this are refused (they would name max+1 classes)
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
 
@@ -213,12 +214,19 @@ def chat_example(tokenizer: Any, messages: list[Any], path: Path | str = "<messa
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}:{line_no}: chat 'messages' need a tokenizer with a chat_template, and this "
                         "tokenizer has none; set tokenizer.chat_template or use prompt/response records")
+    if not messages:
+        raise DataError(f"{path}:{line_no}: 'messages' is empty")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{path}:{line_no}: messages[{i}] should be an object with 'role' and 'content'")
 
     def render(msgs: list[Any], generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - the template is the tokenizer's Jinja code: its errors are the data's
+            reason = " ".join(str(exc).split())[:200]
+            raise DataError(f"{path}:{line_no}: the tokenizer's chat template rejects these messages "
+                            f"({type(exc).__name__}: {reason})") from None
 
     text = render(messages)
     spans = []
@@ -268,6 +276,11 @@ def load_classification_data(path: str | Path, tokenizer: Any, seq_len: int, tex
         ids = [int(v) for _, v in raw]
         if min(ids) < 0:
             raise DataError(f"{path}: integer labels must be ≥ 0, found {min(ids)}")
+        limit = len(label_names) if label_names else MAX_CLASSES
+        if max(ids) >= limit:
+            line_no = next(n for n, v in raw if v == max(ids))
+            raise DataError(f"{path}:{line_no}: integer label {max(ids)} is not a class id below {limit} "
+                            f"({'the classes given' if label_names else 'use string labels for sparse ids'})")
         names = label_names or [str(i) for i in range(max(ids) + 1)]
     else:
         names = label_names or sorted({str(v) for _, v in raw})
