@@ -52,4 +52,5 @@ clean:
 fuzz: $(STAMP)
 	LOWBIT_FUZZ_CASES=10000 $(PY) -m pytest -q -s tests/test_fuzz_readers.py tests/test_gguf_fuzz.py \
 	  tests/test_gguf_import_fuzz.py -m "not slow or slow"
-	LOWBIT_KILLS=100 $(PY) -m pytest -q -s tests/test_crash_safety.py tests/test_crash_resume.py -k sigkill
+	LOWBIT_KILLS=100 $(PY) -m pytest -q -s tests/test_crash_safety.py tests/test_crash_resume.py \
+	  tests/test_resume_gptq.py -k sigkill -m "not slow or slow"

@@ -40,6 +40,7 @@ def _adapter(out: Path) -> dict[str, str]:
     return {k: v for k, v in digest(out).items() if k in ADAPTER_FILES}
 
 
+@pytest.mark.slow  # ~2 min of subprocesses; `make test-slow` and `make fuzz` run it (trainer resume equality: test_train_resume)
 def test_sigkill_finetune_then_resume_equals_uninterrupted(tmp_path: Path, data_file: Path) -> None:
     ref = tmp_path / "ref"
     start = time.perf_counter()

@@ -51,6 +51,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, method: str) -> None:
     assert json.loads((ck / "state.json").read_text())["fingerprint"] != state["fingerprint"]
 
 
+@pytest.mark.slow  # three GPTQ runs in subprocesses; the in-process resume test above is the default-suite share
 def test_sigkill_gptq_then_rerun_resumes(tmp_path: Path) -> None:
     argv = ["quantize", "builtin:tiny-lm", "--method", "gptq", "--calib-samples", "4", "--calib-seq-len", "64"]
     ref = tmp_path / "ref"
