@@ -124,3 +124,15 @@ def require_llama_cpp():
 @pytest.fixture(scope="session")
 def llama_cpp_module():
     return require_llama_cpp()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """After fuzz tests (``make fuzz``): one table row per reader — cases, outcomes, failures fixed."""
+    import sys
+
+    support = sys.modules.get("fuzz_support")
+    if support is None or not support.REPORTS:
+        return
+    terminalreporter.section("fuzz: cases per reader")
+    for line in support.format_summary(support.REPORTS):
+        terminalreporter.write_line(line)

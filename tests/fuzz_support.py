@@ -21,6 +21,7 @@ Environment:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -206,7 +207,7 @@ def _near(rng: random.Random, value: Any) -> Any:
     if isinstance(value, str):
         return rng.choice([value[: len(value) // 2], value * 2, value.upper(), value + ".", "." + value, value[::-1]])
     if isinstance(value, list):
-        return rng.choice([value[:-1], value + value[-1:], value[::-1], [value]])
+        return rng.choice([value[:-1], value + copy.deepcopy(value[-1:]), value[::-1], [value]])
     return value
 
 
@@ -255,7 +256,7 @@ def mutate_doc(rng: random.Random, doc: Any, keys: Sequence[str] = (), steps: in
                 target = _get(doc, where)
                 pairs = list(target.items())
                 key = rng.choice(pairs)[0]
-                extra = (key, rng.choice(boundary_values(rng) + [pairs[0][1]]))
+                extra = (key, rng.choice(boundary_values(rng) + [copy.deepcopy(pairs[0][1])]))
                 pairs.insert(rng.randrange(len(pairs) + 1), extra)
                 if where:
                     _set(doc, where, Dup(pairs))
@@ -278,7 +279,8 @@ def mutate_doc(rng: random.Random, doc: Any, keys: Sequence[str] = (), steps: in
             if lists:
                 where = rng.choice(lists)
                 value = _get(doc, where)
-                new = rng.choice([[], value * rng.choice([2, 50]), value[:1], value[1:], list(reversed(value))])
+                repeated = [copy.deepcopy(v) for v in value * rng.choice([2, 50])]  # no shared node: no cycle later
+                new = rng.choice([[], repeated, value[:1], value[1:], list(reversed(value))])
                 _set(doc, where, new)
                 done.append(f"list {_path(where)} len {len(value)}→{len(new)}")
         if has_raw(doc):

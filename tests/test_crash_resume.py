@@ -6,17 +6,13 @@ complete merged model or the previous one after every kill (crash_support.kill_l
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from crash_support import ENV, KILLS, digest, kill_loop, litter, run
+from crash_support import KILLS, Forker, digest, kill_loop, litter, run
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -40,31 +36,28 @@ def _adapter(out: Path) -> dict[str, str]:
     return {k: v for k, v in digest(out).items() if k in ADAPTER_FILES}
 
 
-@pytest.mark.slow  # ~2 min of subprocesses; `make test-slow` and `make fuzz` run it (trainer resume equality: test_train_resume)
 def test_sigkill_finetune_then_resume_equals_uninterrupted(tmp_path: Path, data_file: Path) -> None:
     ref = tmp_path / "ref"
-    start = time.perf_counter()
     done = run(_finetune(data_file, ref))
-    duration = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-2000:]
     reference = _adapter(ref)
     assert set(reference) == set(ADAPTER_FILES)
     out = tmp_path / "run"
     rng = random.Random(3)
     kills = partial = 0
-    for _ in range(KILLS):
-        proc = subprocess.Popen([sys.executable, "-m", "lowbit", *_finetune(data_file, out, "--resume")], env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(0.3, 1.1 * duration))
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        kills += 1
-        got = _adapter(out) if out.exists() else {}
-        assert got in ({}, reference), f"after a kill the adapter is partial: {sorted(got)}"  # absent or complete
-        partial += not got
+    with Forker(warm=["info", "builtin:tiny-lm"]) as forker:
+        start = time.perf_counter()
+        assert forker.wait(forker.start(_finetune(data_file, tmp_path / "timed"))) == 0
+        duration = time.perf_counter() - start
+        for _ in range(KILLS):
+            pid = forker.start(_finetune(data_file, out, "--resume"))
+            time.sleep(rng.uniform(0.0, 1.1 * duration))
+            forker.kill(pid)
+            kills += 1
+            got = _adapter(out) if out.exists() else {}
+            assert got in ({}, reference), f"after a kill the adapter is partial: {sorted(got)}"  # absent or complete
+            partial += not got
+    assert _adapter(tmp_path / "timed") == reference  # a forked run writes what a fresh process writes
     final = run(_finetune(data_file, out, "--resume"))
     assert final.returncode == 0, final.stderr[-2000:]
     assert _adapter(out) == reference  # resumed across every kill: the same adapter, bit for bit
@@ -78,5 +71,5 @@ def test_sigkill_merge(tmp_path: Path, data_file: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "merged"
     seen = kill_loop(["merge", "builtin:tiny-lm", str(adapter), "-o", str(out), "--merge-dtype", "float32",
-                      "--overwrite", "--quiet"], out, seed=4)
+                      "--overwrite", "--no-ppl", "--quiet"], out, seed=4, warm=["info", "builtin:tiny-lm"])
     print("merge kills:", seen)

@@ -745,6 +745,32 @@ def _calib_jsonl(lines: str) -> Any:
     return run
 
 
+def _dataset_with_bad_offsets(tmp: Path, request: pytest.FixtureRequest) -> Any:
+    """A saved dataset whose Arrow string column's last offset points 2 GB past its data."""
+    datasets = pytest.importorskip("datasets")
+    from lowbit.algorithms.calib_data import CalibConfig, read_calibration_text
+
+    datasets.Dataset.from_dict({"text": ["alpha beta", "gamma"]}).save_to_disk(str(tmp / "ds"))
+    arrow = next((tmp / "ds").glob("*.arrow"))
+    blob = arrow.read_bytes()
+    at = blob.find(struct.pack("<3i", 0, 10, 15))
+    arrow.write_bytes(blob[:at + 8] + struct.pack("<i", 2**31 - 1) + blob[at + 12:])
+    return read_calibration_text(CalibConfig(str(tmp / "ds")))
+
+
+def _dataset_bad_name(tmp: Path, request: pytest.FixtureRequest) -> Any:
+    """A saved dataset whose Arrow schema names its column with bytes that are not UTF-8."""
+    datasets = pytest.importorskip("datasets")
+    from lowbit.algorithms.calib_data import CalibConfig, read_calibration_text
+
+    datasets.Dataset.from_dict({"text": ["alpha beta", "gamma"]}).save_to_disk(str(tmp / "ds"))
+    arrow = next((tmp / "ds").glob("*.arrow"))
+    blob = arrow.read_bytes()
+    at = blob.find(b"text\x00")  # the field name in the schema's flatbuffer
+    arrow.write_bytes(blob[:at] + b"\x81" + blob[at + 1:])
+    return read_calibration_text(CalibConfig(str(tmp / "ds")))
+
+
 def _train_jsonl(records: list[Any], classes: bool = False) -> Any:
     def run(tmp: Path, request: pytest.FixtureRequest) -> Any:
         from lowbit.train.data import load_causal_lm_data, load_classification_data
@@ -805,8 +831,15 @@ FIXED: list[Fixed] = [
           _model_case(0, "config.json", _set("return_dict", False))),
     Fixed("model_dir", "lazy blocks: int8 layer's uint8 qdata relabelled F8_E5M2", "NotImplementedError (kernel)",
           CorruptFileError, "dtype torch.float8_e5m2, expected torch.uint8", _lazy_wrong_qdata_dtype),
+    Fixed("model_dir", "quantization_config.shared_embeddings: {name: [a list]}", "TypeError (unhashable)",
+          CorruptFileError, "which is not a quantized module",
+          _model_case(3, "config.json", lambda d: d["quantization_config"]["shared_embeddings"].__setitem__(
+              "model.embed_tokens", ["lm_head"]))),
     Fixed("model_dir", "config.json: tie_word_embeddings true over a quantized, shared head", "AttributeError",
           CorruptFileError, "tie_word_embeddings", _model_case(3, "config.json", _set("tie_word_embeddings", True))),
+    Fixed("gptq_dir", 'config.json: "initializer_range": a 400-digit integer', "OverflowError (math.isfinite)",
+          CorruptFileError, "initializer_range must be a finite number",
+          _model_case(0, "config.json", _set("initializer_range", RAW), "9" * 400)),
     # ---- recipes (QuantRecipe.load)
     Fixed("recipe_yaml", "skip: [[lm_head]]", "TypeError (unhashable / re.compile)", InvalidSpecError,
           "skip must be a list of layer names", _recipe("default: {format: int}\nskip: [[lm_head]]\n")),
@@ -826,6 +859,10 @@ FIXED: list[Fixed] = [
     # ---- calibration data (calibration_batches)
     Fixed("calib_jsonl", r'{"text": "\ud800"} (a lone surrogate escape)', "TypeError (tokenizer)", InvalidSpecError,
           "lone UTF-16 surrogate", _calib_jsonl('{"text": "ok"}\n{"text": "\\ud800"}\n')),
+    Fixed("calib_dataset", "a saved dataset whose Arrow string offsets point past the data", "a Bus error (SIGBUS: "
+          "the process died in pyarrow)", CorruptFileError, "not a valid Arrow stream", _dataset_with_bad_offsets),
+    Fixed("calib_dataset", "an Arrow schema whose field name is not UTF-8 (a flipped byte)", "UnicodeDecodeError "
+          "(from pyarrow inside datasets)", CorruptFileError, "not a valid Arrow stream", _dataset_bad_name),
     # ---- training data (load_causal_lm_data, load_classification_data)
     Fixed("train_jsonl", "chat messages whose roles do not alternate (the template raises)", "jinja2 TemplateError",
           DataError, "chat template rejects",
@@ -862,6 +899,15 @@ FIXED: list[Fixed] = [
           "num_virtual_tokens",
           _bounded(_adapter("peft", 4, "adapter_config.json", _set("num_virtual_tokens", 2**21)))),
 ]
+
+
+def test_act_spec_integer_past_the_float_range() -> None:
+    """Found by review next to the fuzzer's config_check OverflowError: the same check in ActSpec (read from a
+    quantization_config's ``activations``)."""
+    from lowbit.formats.act import ActSpec
+
+    with pytest.raises(InvalidSpecError, match="outlier_threshold"):
+        ActSpec.from_dict({"bits": 8, "dynamic": True, "granularity": "token", "outlier_threshold": 10**400})
 
 
 @pytest.mark.parametrize("fixed", FIXED, ids=lambda f: f"{f.reader}: {f.what}")

@@ -40,6 +40,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFEndian, GGUFReader, GGUFValueType as V, GGUFWriter
 from gguf.quants import quantize
 
+from fuzz_support import REPORTS, FuzzReport  # noqa: E402
 from gguf_support import overwrite  # noqa: E402
 from lowbit.errors import LowbitError
 from lowbit.io.gguf.reader import GGUFFile, read_gguf
@@ -334,6 +335,8 @@ def test_fuzz_reader(seeds: list[Seed], tmp_path: Path) -> None:
           f"slowest case {max_time * 1e3:.1f} ms, peak traced memory {max_peak / 2**20:.2f} MB")
     for kind, count in kinds.most_common():
         print(f"  {count:6d}  {kind}")
+    REPORTS.append(FuzzReport("gguf_reader", cases=n, ok=successes, errors=kinds, failures=failures, seconds=total,
+                              slowest=max_time, peak_bytes=int(max_peak), memory_kind="tracemalloc peak"))
     assert not failures, f"{len(failures)} failing cases, e.g.:\n" + "\n".join(failures[:20])
     if ONLY is None and N_CASES >= 500:  # the mutations must reach both outcomes and many distinct checks
         assert successes > n // 20 and sum(kinds.values()) > n // 4 and len(kinds) >= 15, kinds

@@ -167,11 +167,21 @@ def _mutation(rng: random.Random, keys: list[str]):
     return f"{'delete' if op < 0.15 else 'set'} {key}", mutate
 
 
+def _record(name: str, results: Counter, start: float) -> None:
+    """Add this run to the table ``make fuzz`` ends with (failures stop the test before this)."""
+    from fuzz_support import REPORTS, FuzzReport
+
+    errors = Counter({k: v for k, v in results.items() if k != "ok"})
+    REPORTS.append(FuzzReport(name, sum(results.values()), results["ok"], errors, seconds=time.perf_counter() - start,
+                              memory_kind="tracemalloc peak"))
+
+
 def test_structured_metadata_mutations(seed_file: Path, tmp_path: Path, capsys) -> None:
     from lowbit.io.gguf.reader import read_gguf
 
     rng = random.Random(SEED)
     keys = list(read_gguf(seed_file).metadata)
+    start = time.perf_counter()
     results: Counter = Counter()
     case = tmp_path / "case.gguf"
     for i in range(CASES):
@@ -181,6 +191,7 @@ def test_structured_metadata_mutations(seed_file: Path, tmp_path: Path, capsys) 
         except (ValueError, TypeError, OverflowError, KeyError, struct.error):
             continue  # the gguf writer itself refused this value; nothing to import
         _check(results, f"case {i} (seed {SEED}): {label}", case, tmp_path / "out")
+    _record("gguf_import_structured", results, start)
     with capsys.disabled():
         print(f"\nimport fuzz, structured: {sum(results.values())} cases: {dict(results)}")
     assert results["ok"] > 0 and sum(results.values()) >= CASES // 2
@@ -189,6 +200,7 @@ def test_structured_metadata_mutations(seed_file: Path, tmp_path: Path, capsys) 
 def test_byte_mutations(seed_file: Path, tmp_path: Path, capsys) -> None:
     rng = random.Random(SEED + 1)
     data = seed_file.read_bytes()
+    start = time.perf_counter()
     results: Counter = Counter()
     case = tmp_path / "case.gguf"
     for i in range(CASES):
@@ -205,6 +217,7 @@ def test_byte_mutations(seed_file: Path, tmp_path: Path, capsys) -> None:
             del buf[rng.randrange(len(buf)):]
         case.write_bytes(bytes(buf))
         _check(results, f"case {i} (seed {SEED}): op {op:.2f}", case, tmp_path / "out")
+    _record("gguf_import_bytes", results, start)
     with capsys.disabled():
         print(f"\nimport fuzz, bytes: {CASES} cases: {dict(results)}")
 

@@ -1,11 +1,14 @@
 """GPTQ and AWQ runs resume after a kill from the last finished block, with the same result as an uninterrupted
-run (issue 21): in process (a checkpoint cut back to its first blocks) and for real (SIGKILL of `lowbit quantize`
-once two blocks are saved, then the same command again)."""
+run (issue 21): in process (a checkpoint cut back to its first blocks), for real (SIGKILL of `lowbit quantize`
+once two blocks are saved, then the same command again), and killed again and again at random moments, each run
+resuming what the killed ones finished."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from lowbit.formats.spec import QuantSpec
 from lowbit.quantize import load_tokenizer
 from lowbit.recipe import QuantRecipe
 
-from crash_support import ENV, digest, run
+from crash_support import ENV, KILLS, Forker, digest, run
 
 CALIB = CalibConfig(samples=4, seq_len=64)
 
@@ -77,3 +80,48 @@ def test_sigkill_gptq_then_rerun_resumes(tmp_path: Path) -> None:
     assert "resuming gptq after block" in again.stderr
     assert digest(out) == digest(ref)  # the same files, bit for bit
     assert not state.parent.exists()  # the checkpoint is gone once the output is written
+
+
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
+def test_sigkill_repeatedly_then_resume(tmp_path: Path, method: str) -> None:
+    """KILLS runs of the same command, each SIGKILLed at a random moment: the resume state only grows, the output
+    is absent until a run completes, and the run that completes writes the uninterrupted result, bit for bit."""
+    argv = ["quantize", "builtin:tiny-lm", "--method", method, "--calib-samples", "4", "--calib-seq-len", "64"]
+    ref = tmp_path / "ref"
+    done = run([*argv, "-o", str(ref), "--quiet"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "out"
+    state = tmp_path / ".out.resume" / "state.json"
+
+    def finished_blocks() -> int:
+        try:
+            return len(json.loads(state.read_text())["blocks"])
+        except FileNotFoundError:
+            return 0
+    rng = random.Random(5)
+    rounds: list[list[int]] = [[]]  # finished blocks after each kill, per sequence of resumed runs
+    with Forker(warm=["info", "builtin:tiny-lm"]) as forker:
+        start = time.perf_counter()
+        assert forker.wait(forker.start([*argv, "-o", str(tmp_path / "timed"), "--quiet"])) == 0
+        duration = time.perf_counter() - start
+        assert digest(tmp_path / "timed") == digest(ref)
+        for _ in range(KILLS):
+            pid = forker.start([*argv, "-o", str(out), "--quiet"])
+            time.sleep(rng.uniform(0.0, 0.8 * duration))
+            forker.kill(pid)
+            if out.exists():  # a resumed run completed before its kill: the whole result, and no state left
+                assert digest(out) == digest(ref) and not state.parent.exists()
+                shutil.rmtree(out)  # and start over
+                rounds.append([])
+            else:
+                rounds[-1].append(finished_blocks())
+    for progress in rounds:
+        assert progress == sorted(progress), f"a resumed run lost finished blocks: {progress}"
+    resumable = finished_blocks() and not out.exists()
+    final = run([*argv, "-o", str(out), "--overwrite"] if out.exists() else [*argv, "-o", str(out)])
+    assert final.returncode == 0, final.stderr[-2000:]
+    if resumable:
+        assert f"resuming {method} after block" in final.stderr
+    assert digest(out) == digest(ref) and not state.parent.exists()
+    print(f"{method}: {KILLS} kills, {len(rounds) - 1} resumed runs completed equal to the uninterrupted one; "
+          f"finished blocks after each kill: {rounds}")

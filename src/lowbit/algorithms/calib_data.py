@@ -138,5 +138,5 @@ def _check_arrow_files(path: Path) -> None:
                 with pa.OSFile(str(file)) as source:
                     table = pa.ipc.open_stream(source).read_all()
                 table.validate(full=True)
-            except (pa.ArrowException, OSError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: names/metadata that are not UTF-8
                 raise CorruptFileError(f"{file}: not a valid Arrow stream ({' '.join(str(exc).split())[:200]})") from None

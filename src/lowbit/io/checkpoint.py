@@ -117,7 +117,7 @@ def _install_shared_embeddings(model: nn.Module, qcfg: dict[str, Any], layer_spe
     if not isinstance(shared, dict):
         raise CorruptFileError(f"{where}: quantization_config.shared_embeddings must be an object")
     for emb_name, head_name in shared.items():
-        if head_name not in layer_specs:
+        if not isinstance(head_name, str) or head_name not in layer_specs:
             raise CorruptFileError(f"{where}: quantization_config.shared_embeddings maps {emb_name} to {head_name!r}, "
                                    "which is not a quantized module")
         try:

@@ -66,7 +66,7 @@ def _check_values(config: dict[str, Any], where: str, prefix: str) -> None:
         value = config.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not _finite(value) or value < 0:
             raise CorruptFileError(f"{where}: {prefix}{name} must be a finite number ≥ 0, got {_show(value)}")
     for name in BOOL_FIELDS:
         value = config.get(name)
@@ -91,6 +91,16 @@ def _check_values(config: dict[str, Any], where: str, prefix: str) -> None:
     if isinstance(heads, int) and isinstance(hidden, int) and config.get("head_dim") is None and hidden % heads:
         raise CorruptFileError(f"{where}: {prefix}hidden_size {hidden} is not a multiple of num_attention_heads "
                                f"{heads} (and no head_dim is given)")
+
+
+def _finite(value: Any) -> bool:
+    """A real number (no bool) within the float range (an integer of 400 digits is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _show(value: Any) -> str:
