@@ -66,3 +66,19 @@ def test_real_configs_pass(llama_dir: Path) -> None:
         check_config(json.loads(path.read_text()), str(path))
     check_config({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "eos_token_id": [1, 2],
                   "sliding_window": None})
+
+
+def test_a_huge_value_is_quoted_short(llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A 1 MB string where a name belongs: the error names the file and field and stays short (found fuzzing)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "x" * 2**20
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError) as info:
+        lowbit.load(bad)
+    text = str(info.value)
+    assert len(text) < 2100 and "characters left out" in text and "model_type" in text[:1500], text[:300]
+    assert main(["eval", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 2200 and err.count("\n") == 1

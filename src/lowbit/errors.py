@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 
+MAX_MESSAGE = 2000  # characters; a message quoting a huge value (a 1 MB string in a hand-edited file) is cut
+
+
 class LowbitError(Exception):
-    """Base class of every error lowbit raises for bad input (the CLI prints these without a traceback)."""
+    """Base class of every error lowbit raises for bad input (the CLI prints these without a traceback).
+
+    Messages quote the offending value; one longer than ``MAX_MESSAGE`` characters keeps its start (which names
+    the file and field) and its end, and says how much it left out."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if len(text) <= MAX_MESSAGE:
+            return text
+        head, tail = MAX_MESSAGE * 3 // 4, MAX_MESSAGE // 8
+        return f"{text[:head]} … [{len(text) - head - tail:,} characters left out] … {text[-tail:]}"
 
 
 class InvalidSpecError(LowbitError, ValueError):
