@@ -49,6 +49,13 @@ CASE_SECONDS = 1.0
 CASE_BYTES = 100 << 20
 HANG_SECONDS = 10  # a case still running after this is interrupted (and reported as too slow)
 
+try:  # transformers warns about every odd config value a mutation makes: thousands of lines in `make fuzz -s`
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.set_verbosity_error()
+except ImportError:
+    pass
+
 REPORTS: list[FuzzReport] = []  # every report of this session, for the summary table (tests/conftest.py)
 
 

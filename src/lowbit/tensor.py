@@ -108,6 +108,16 @@ def quantize_tensor(weight: torch.Tensor, spec: QuantSpec, name: str = "weight")
 _FINITE_CHUNK = 1 << 22
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf in ``tensor`` (integer tensors: always; float8 ones, which torch.isfinite does not take, are
+    widened chunk by chunk)."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    wide = tensor.element_size() == 1
+    return all(bool(torch.isfinite(chunk.float() if wide else chunk).all()) for chunk in flat.split(_FINITE_CHUNK))
+
+
 def check_finite(weight: torch.Tensor, name: str) -> None:
     """Raise :class:`InvalidWeightError` naming ``name`` if ``weight`` holds NaN or Inf."""
     if not weight.is_floating_point():

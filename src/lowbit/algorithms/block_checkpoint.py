@@ -40,7 +40,7 @@ class BlockCheckpoint:
             blocks = {int(k): v for k, v in state.get("blocks", {}).items()} if ok else {}
             if not all(isinstance(v, dict) and isinstance(v.get("layers"), dict) for v in blocks.values()):
                 blocks = {}
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
             blocks = {}
         if not blocks and self.path.exists():  # another run's, or unreadable: start over
             shutil.rmtree(self.path, ignore_errors=True)
@@ -85,36 +85,82 @@ class BlockCheckpoint:
         fsync_dir(self.path)
 
     def restore(self, block: nn.Module, index: int) -> dict[str, nn.Module]:
-        """Put block ``index`` back as it was saved; returns {local name: QuantLinear} of its quantized layers."""
-        from lowbit.errors import CorruptFileError
+        """Put block ``index`` back as it was saved; returns {local name: QuantLinear} of its quantized layers.
+
+        Everything read is checked against the block it goes into (each layer's spec, the tensors that spec
+        stores for the layer's shape, with their dtypes; finite floats): a damaged checkpoint is a
+        :class:`CorruptFileError` naming the block file and the layer."""
+        from lowbit.errors import CorruptFileError, LowbitError
+        from lowbit.formats.codecs import stored_layout
         from lowbit.formats.spec import QuantSpec
         from lowbit.io.safetensors_io import open_safetensors
-        from lowbit.models.targets import set_submodule
+        from lowbit.models.targets import linear_dims, set_submodule
         from lowbit.nn.quant_linear import QuantLinear
-        from lowbit.tensor import QuantizedWeight
+        from lowbit.tensor import QuantizedWeight, all_finite
 
         file = self.path / f"block-{index}.safetensors"
+        start_over = f"delete {self.path} to start over"
         with open_safetensors(file) as handle:
             saved = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open handle)
+        for key, tensor in saved.items():
+            if not all_finite(tensor):
+                raise CorruptFileError(f"{file}: tensor {key} holds NaN/Inf; {start_over}")
         device = next((p.device for p in block.parameters() if p.device.type != "meta"), torch.device("cpu"))
         restored: dict[str, nn.Module] = {}
+        for name, info in self.finished[index]["layers"].items():
+            where = f"{file}: layer {name}"
+            try:
+                module = block.get_submodule(name)
+                in_features, out_features = linear_dims(module)
+            except (AttributeError, TypeError):
+                raise CorruptFileError(f"{where} is not a linear layer of this block; {start_over}") from None
+            try:
+                spec = QuantSpec.from_dict(info["spec"])
+                layout = stored_layout(spec, (out_features, in_features))
+            except LowbitError as exc:
+                raise CorruptFileError(f"{where}: {exc}; {start_over}") from None
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise CorruptFileError(f"{where}: its spec is not a quantization spec; {start_over}") from None
+            keys = info.get("keys")
+            if info.get("shape") != [out_features, in_features] or not isinstance(keys, list) \
+                    or sorted(map(str, keys)) != sorted(layout) or len(keys) != len(layout):
+                raise CorruptFileError(f"{where}: the saved shape/tensor list does not fit a {out_features}×"
+                                       f"{in_features} layer of {spec.format}; {start_over}")
+            parts = {}
+            for key in keys:
+                tensor = saved.get(f"q::{name}::{key}")
+                shape, dtype = layout[key]
+                if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                    got = "missing" if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
+                    raise CorruptFileError(f"{where}: tensor {key} is {got}, expected {dtype} {shape}; {start_over}")
+                parts[key] = tensor
+            bias = saved.get(f"q::{name}::bias")
+            has_bias = getattr(module, "bias", None) is not None
+            if has_bias != (bias is not None) or (bias is not None and (tuple(bias.shape) != (out_features,)
+                                                                        or not bias.is_floating_point())):
+                raise CorruptFileError(f"{where}: its bias does not fit the layer; {start_over}")
+            try:
+                qw = QuantizedWeight(spec, (out_features, in_features), parts)
+            except (LowbitError, ValueError, RuntimeError) as exc:
+                raise CorruptFileError(f"{where}: {exc}; {start_over}") from None
+            layer = QuantLinear.from_weight(qw, bias).to(device)
+            set_submodule(block, name, layer)
+            restored[name] = layer
+        rest = {k[3:]: v for k, v in saved.items() if k.startswith("p::")}
+        own = block.state_dict()
+        for key, tensor in rest.items():
+            want = own.get(key)
+            if want is not None and (tuple(want.shape) != tuple(tensor.shape)
+                                     or want.is_floating_point() != tensor.is_floating_point()):
+                raise CorruptFileError(f"{file}: tensor {key} is {tensor.dtype} {tuple(tensor.shape)}, the block's is "
+                                       f"{want.dtype} {tuple(want.shape)}; {start_over}")
         try:
-            for name, info in self.finished[index]["layers"].items():
-                prefix = f"q::{name}::"
-                parts = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
-                bias = parts.pop("bias", None)
-                parts = {k: parts[k] for k in info["keys"]}
-                qw = QuantizedWeight(QuantSpec.from_dict(info["spec"]), tuple(info["shape"]), parts)
-                layer = QuantLinear.from_weight(qw, bias).to(device)
-                set_submodule(block, name, layer)
-                restored[name] = layer
-            rest = {k[3:]: v for k, v in saved.items() if k.startswith("p::")}
             missing = block.load_state_dict(rest, strict=False).missing_keys
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise CorruptFileError(f"{file}: does not hold this block ({exc}); delete {self.path} to start over") from None
+            raise CorruptFileError(f"{file}: does not hold this block ({exc}); {start_over}") from None
         inside = tuple(f"{n}." for n in restored)
         if [k for k in missing if not k.startswith(inside)]:
-            raise CorruptFileError(f"{file}: misses parameters of this block; delete {self.path} to start over")
+            raise CorruptFileError(f"{file}: misses parameters of this block; {start_over}")
         self.resumed += 1
         return restored
 

@@ -25,6 +25,7 @@ from lowbit.errors import InvalidSpecError, LowbitError
 from lowbit.peft.base import AdapterLayer, LayerAdapter, adapter_layers, check_rank
 from lowbit.peft.config import AdapterConfig
 from lowbit.peft.model import LayerMethod, register_method
+from lowbit.tensor import all_finite
 
 
 @dataclass
@@ -390,10 +391,35 @@ class AdaLoraScheduler:
                 "rank_pattern": {m: a.rank_pattern for m, a in self.adapters.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.finalized = bool(state["finalized"])
-        self.ipt_ema = dict(state["ipt_ema"])
-        self.unc_ema = dict(state["unc_ema"])
-        for module_name, pattern in state.get("rank_pattern", {}).items():
+        """Restore :meth:`state_dict`'s output; a state that does not fit these adapters raises ValueError
+        (the checkpoint reader names the file)."""
+        params = {f"{m}.{suffix}": p for m, a in self.adapters.items()
+                  for suffix, p in (("lora_A", a.lora_A), ("lora_B", a.lora_B), ("lora_E", a.lora_E))}
+        if not isinstance(state.get("finalized"), bool):
+            raise ValueError(f"finalized must be true or false, got {state.get('finalized')!r:.40}")
+        emas = {}
+        for field in ("ipt_ema", "unc_ema"):
+            ema = state.get(field)
+            if not isinstance(ema, dict):
+                raise ValueError(f"{field} must be a mapping")
+            for key, value in ema.items():
+                if key not in params or not isinstance(value, torch.Tensor) or value.shape != params[key].shape \
+                        or not value.is_floating_point() or not all_finite(value):
+                    raise ValueError(f"{field}[{key!r:.80}] is not a finite tensor of an adapter parameter's shape")
+            emas[field] = dict(ema)
+        patterns = state.get("rank_pattern", {})
+        if not isinstance(patterns, dict):
+            raise ValueError("rank_pattern must be a mapping")
+        for module_name, pattern in patterns.items():
+            if module_name not in self.adapters:
+                continue
+            rank = self.adapters[module_name].lora_A.shape[0]
+            if pattern is not None and (not isinstance(pattern, list) or len(pattern) != rank
+                                        or not all(isinstance(b, bool) for b in pattern)):
+                raise ValueError(f"rank_pattern[{module_name!r}] must be {rank} booleans")
+        self.finalized = state["finalized"]
+        self.ipt_ema, self.unc_ema = emas["ipt_ema"], emas["unc_ema"]
+        for module_name, pattern in patterns.items():
             if module_name in self.adapters:
                 self.adapters[module_name].rank_pattern = None if pattern is None else list(pattern)
         self._publish()
