@@ -232,6 +232,28 @@ def test_blockwise_qat_fast_beats_rtn_and_resumes(tmp_path):
         qat(lowbit.load("builtin:tiny-lm"), QATConfig(spec, steps=31), tokenizer=tok, calib=calib,
             checkpoint_dir=tmp_path / "ck", resume=True)
 
+    # a damaged checkpoint is a typed error naming the file (issue 21), never a traceback or NaN weights
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.errors import CorruptFileError
+
+    good = (tmp_path / "ck" / "state.json").read_text()
+    nested = '{"a":' * 100000 + "1" + "}" * 100000
+    huge = json.dumps({**json.loads(good), "blocks": {"0": {"mse_start": 10 ** 400, "mse_end": 1}}})  # float() overflows
+    for text in (nested, huge):
+        (tmp_path / "ck" / "state.json").write_text(text)
+        with pytest.raises(CorruptFileError, match="state.json: not a lowbit QAT checkpoint"):
+            qat(lowbit.load("builtin:tiny-lm"), config, tokenizer=tok, calib=calib, checkpoint_dir=tmp_path / "ck",
+                resume=True)
+    (tmp_path / "ck" / "state.json").write_text(good)
+    block0 = load_file(str(tmp_path / "ck" / "block-0.safetensors"))
+    first = next(iter(block0))
+    block0[first] = torch.full_like(block0[first], float("nan"))
+    save_file(block0, str(tmp_path / "ck" / "block-0.safetensors"))
+    with pytest.raises(CorruptFileError, match="block-0.safetensors: .*NaN"):
+        qat(lowbit.load("builtin:tiny-lm"), config, tokenizer=tok, calib=calib, checkpoint_dir=tmp_path / "ck",
+            resume=True)
+
 
 def test_cli_qat_lora_saves_a_model_that_loads(tmp_path, capsys):
     import json

@@ -375,8 +375,9 @@ class _Checkpoint:
             state = json.loads(state_file.read_text())
             blocks = {int(i): BlockFit(float(v["mse_start"]), float(v["mse_end"])) for i, v in state["blocks"].items()}
             fingerprint = state["fingerprint"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptFileError(f"{state_file}: not a lowbit QAT checkpoint ({exc}); delete it to start over") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:  # ValueError: JSON, UTF-8
+            raise CorruptFileError(f"{state_file}: not a lowbit QAT checkpoint ({str(exc)[:200]}); delete it to start "
+                                   "over") from None
         if fingerprint != self.fingerprint:
             raise InvalidSpecError(f"{state_file}: saved by a run with other settings or data; rerun with the same "
                                    "ones, or without --resume to start over")
@@ -405,10 +406,14 @@ class _Checkpoint:
         with open_safetensors(file) as handle:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open handle)
         want = _block_state(block)
-        if set(tensors) != set(want) or any(tensors[k].shape != want[k].shape for k in want):
-            from lowbit.errors import CorruptFileError
+        from lowbit.errors import CorruptFileError
+        from lowbit.tensor import all_finite
 
+        if set(tensors) != set(want) or any(tensors[k].shape != want[k].shape for k in want):
             raise CorruptFileError(f"{file}: does not hold this block's QAT parameters; delete the checkpoint")
+        bad = next((k for k, t in tensors.items() if not t.is_floating_point() or not all_finite(t)), None)
+        if bad is not None:
+            raise CorruptFileError(f"{file}: {bad} is {tensors[bad].dtype} or holds NaN/Inf; delete the checkpoint")
         with torch.no_grad():
             for name, p in want.items():
                 p.copy_(tensors[name].to(p.device, p.dtype))
