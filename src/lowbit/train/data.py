@@ -17,6 +17,7 @@ Sources (:func:`load_causal_lm_data`):
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -188,7 +189,8 @@ def _jsonl_examples(path: Path, tokenizer: Any, seq_len: int, field: str | None,
             response += _eos(tokenizer)
             ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
         elif messages_field in record:
-            ids, labels = chat_example(tokenizer, _field(record, messages_field, path, line_no, list), path, line_no)
+            ids, labels = chat_example(tokenizer, _field(record, messages_field, path, line_no, list), path, line_no,
+                                       max_tokens=seq_len)
         else:
             raise DataError(f"{path}:{line_no}: record has none of the fields 'text', {prompt_field!r}/"
                             f"{response_field!r} or {messages_field!r} (its fields: {_fields(record)})")
@@ -204,12 +206,15 @@ def _jsonl_examples(path: Path, tokenizer: Any, seq_len: int, field: str | None,
 
 
 def chat_example(tokenizer: Any, messages: list[Any], path: Path | str = "<messages>",
-                 line_no: int = 0) -> tuple[list[int], list[int]]:
+                 line_no: int = 0, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
     """Render ``messages`` with the tokenizer's chat template → ``(ids, labels)``, loss on assistant turns.
 
     Assistant turn i spans the characters between the rendering of ``messages[:i]`` with the
     generation prompt and the rendering of ``messages[:i+1]``; tokens starting inside a span keep
     their label (needs a fast tokenizer's offsets; otherwise prefix token counts are used).
+    ``max_tokens`` (the training window): turns starting after it are not located (their tokens keep no
+    label), so a conversation of thousands of turns costs what its first window does, not the square of its
+    length in template renderings.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}:{line_no}: chat 'messages' need a tokenizer with a chat_template, and this "
@@ -229,24 +234,31 @@ def chat_example(tokenizer: Any, messages: list[Any], path: Path | str = "<messa
                             f"({type(exc).__name__}: {reason})") from None
 
     text = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start, end = len(render(messages[:i], True)) if i else 0, len(render(messages[: i + 1]))
-            spans.append((start, end))
+    assistant = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids = list(enc["input_ids"])
-        labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX
-                  for tok, (a, _) in zip(ids, enc["offset_mapping"])]
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        limit = len(text) if max_tokens is None or len(ids) <= max_tokens else offsets[max_tokens][0]
+        spans: list[tuple[int, int]] = []  # increasing, not overlapping
+        for i in assistant:
+            start = len(render(messages[:i], True)) if i else 0
+            if start >= limit:
+                break
+            spans.append((start, len(render(messages[: i + 1]))))
+        starts = [s for s, _ in spans]
+        labels = []
+        for tok, (a, _) in zip(ids, offsets):
+            k = bisect.bisect_right(starts, a) - 1
+            labels.append(tok if k >= 0 and a < spans[k][1] else IGNORE_INDEX)
         return ids, labels
     ids = _encode(tokenizer, text, special=False)
     labels = [IGNORE_INDEX] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            a = len(_encode(tokenizer, render(messages[:i], True), special=False)) if i else 0
-            b = len(_encode(tokenizer, render(messages[: i + 1]), special=False))
-            labels[a:b] = ids[a:b]
+    for i in assistant:
+        a = len(_encode(tokenizer, render(messages[:i], True), special=False)) if i else 0
+        if max_tokens is not None and a >= max_tokens:
+            break
+        b = len(_encode(tokenizer, render(messages[: i + 1]), special=False))
+        labels[a:b] = ids[a:b]
     return ids, labels
 
 
