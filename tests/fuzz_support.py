@@ -556,6 +556,18 @@ def clone_dir(seed: Path, dest: Path, replace: dict[str, bytes | None]) -> None:
             (dest / rel).write_bytes(blob)
 
 
+def mutate_file_of_dir(rng: random.Random, seed: Path, case: Path, target: str, keys: Sequence[str] = ()) -> str:
+    """``case`` := ``seed`` with its file ``target`` mutated — a safetensors file's header or bytes, any other as
+    a JSON document (``keys``: names worth inserting) — and how."""
+    blob = (seed / target).read_bytes()
+    if target.endswith(".safetensors"):
+        blob, how = mutate_safetensors(rng, blob)
+    else:
+        blob, how = mutate_json_text(rng, json.loads(blob), keys)
+    clone_dir(seed, case, {target: blob})
+    return how
+
+
 def fresh_dir(path: Path) -> Path:
     """``path`` as a new empty directory (whatever was there is removed)."""
     if path.is_dir() and not path.is_symlink():

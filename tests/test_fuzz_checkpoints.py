@@ -22,7 +22,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fuzz_support import clone_dir, mutate_json_text, mutate_safetensors, n_cases, run_cases
+from fuzz_support import clone_dir, mutate_file_of_dir, n_cases, run_cases
 from lowbit.errors import CorruptFileError
 from test_fuzz_readers import Fixed, _finish
 
@@ -46,13 +46,7 @@ def mutate_run_dir(rng: random.Random, seed: Path, case: Path, sub: str, keys: t
         (case / sub).rename(case / ".checkpoint.old")
         return "checkpoint/ → .checkpoint.old/"
     target = f"{sub}/state.json" if r < 0.5 else rng.choice(files)
-    blob = (seed / target).read_bytes()
-    if target.endswith(".safetensors"):
-        blob, how = mutate_safetensors(rng, blob)
-    else:
-        blob, how = mutate_json_text(rng, json.loads(blob), keys)
-    clone_dir(seed, case, {target: blob})
-    return f"{target}: {how}"
+    return f"{target}: {mutate_file_of_dir(rng, seed, case, target, keys)}"
 
 
 # ------------------------------------------------------------------------------------------- training checkpoints

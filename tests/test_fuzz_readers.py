@@ -39,9 +39,9 @@ from fuzz_support import (
     clone_dir,
     fresh_dir,
     mutate_bytes,
+    mutate_file_of_dir,
     mutate_json_text,
     mutate_jsonl,
-    mutate_safetensors,
     mutate_text,
     mutate_text_dir,
     mutate_yaml_text,
@@ -132,13 +132,7 @@ def mutate_model_dir(rng: random.Random, seed: Path, case: Path, keys: tuple[str
     else:
         target = rng.choice([f for f in files if f.endswith((".safetensors", ".json")) and f != "config.json"]
                             or ["config.json"])
-    blob = (seed / target).read_bytes()
-    if target.endswith(".safetensors"):
-        blob, how = mutate_safetensors(rng, blob)
-    else:
-        blob, how = mutate_json_text(rng, json.loads(blob), keys)
-    clone_dir(seed, case, {target: blob})
-    return f"{seed.name}/{target}: {how}"
+    return f"{seed.name}/{target}: {mutate_file_of_dir(rng, seed, case, target, keys)}"
 
 
 def _load_and_run(path: Path, lazy: bool = False) -> Any:
@@ -606,13 +600,7 @@ def mutate_adapter_dir(rng: random.Random, seed: Path, case: Path) -> str:
         clone_dir(seed, case, {"adapter_model.bin": b"\x80\x02}q\x00.", "adapter_model.safetensors": None})
         return f"{seed.name}: pickle only"
     target = "adapter_config.json" if r < 0.5 else rng.choice(files)
-    blob = (seed / target).read_bytes()
-    if target.endswith(".safetensors"):
-        blob, how = mutate_safetensors(rng, blob)
-    else:
-        blob, how = mutate_json_text(rng, json.loads(blob), ADAPTER_KEYS)
-    clone_dir(seed, case, {target: blob})
-    return f"{seed.name}/{target}: {how}"
+    return f"{seed.name}/{target}: {mutate_file_of_dir(rng, seed, case, target, ADAPTER_KEYS)}"
 
 
 def test_fuzz_adapter_lowbit(adapter_seeds: dict[str, list[Path]], model_seeds: list[Path], tmp_path: Path) -> None:
