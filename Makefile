@@ -50,7 +50,8 @@ clean:
 # Reliability at scale (issue 21): 10,000 mutated inputs per file reader and 100 SIGKILLs per long-running command;
 # prints the counts. The default suite runs a CI-sized share of each (500 cases per reader, 10 kills per command).
 fuzz: $(STAMP)
-	LOWBIT_FUZZ_CASES=10000 $(PY) -m pytest -q -s tests/test_fuzz_readers.py tests/test_fuzz_checkpoints.py tests/test_gguf_fuzz.py \
+	LOWBIT_FUZZ_CASES=10000 $(PY) -m pytest -q -s tests/test_fuzz_readers.py tests/test_fuzz_regressions.py \
+	  tests/test_fuzz_checkpoints.py tests/test_gguf_fuzz.py \
 	  tests/test_gguf_import_fuzz.py -m "not slow or slow"
 	LOWBIT_KILLS=100 $(PY) -m pytest -q -s tests/test_crash_safety.py tests/test_crash_resume.py \
 	  tests/test_resume_gptq.py -m "not slow or slow"

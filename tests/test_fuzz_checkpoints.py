@@ -24,7 +24,8 @@ import torch
 
 from fuzz_support import clone_dir, mutate_file_of_dir, n_cases, run_cases
 from lowbit.errors import CorruptFileError
-from test_fuzz_readers import Fixed, _finish
+from test_fuzz_readers import _finish
+from test_fuzz_regressions import Fixed
 
 CASES = n_cases(500)
 
