@@ -17,6 +17,7 @@ output too.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -49,17 +50,18 @@ def litter(out: Path) -> list[str]:
 
 
 class Forker:
-    """A server process that imports lowbit once (and runs ``warm`` in-process, to import what that command
-    needs), then forks one child per ``start``: the child calls ``setsid`` and ``lowbit.cli.main(argv)`` with its
+    """A server process that imports lowbit and ``preload`` once (and runs ``warm`` in-process, to import what
+    that command needs), then forks one child per ``start``: the child calls ``setsid`` and ``lowbit.cli.main(argv)`` with its
     output on /dev/null. Children stay unreaped until ``wait``, so a pid (= process group) is never reused while
     the test may still signal it."""
 
-    def __init__(self, warm: Sequence[str] | None = None) -> None:
+    def __init__(self, warm: Sequence[str] | None = None,
+                 preload: Sequence[str] = ("transformers.models.llama.modeling_llama",)) -> None:
         here = str(Path(__file__).resolve().parent)
         env = {**ENV, "PYTHONPATH": os.pathsep.join([here, ENV.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         self.proc = subprocess.Popen([sys.executable, "-c", "import crash_support; crash_support._serve()"],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = self._ask(["warm", list(warm or [])])
+        ready = self._ask(["warm", [list(warm or []), list(preload)]])
         assert ready == "ready", f"the fork server did not start: {ready!r}"
 
     def _ask(self, request: list) -> str:
@@ -122,6 +124,9 @@ def _serve() -> None:
     for line in sys.stdin:
         kind, arg = json.loads(line)
         if kind == "warm":
+            arg, modules = arg
+            for module in modules:  # what building the model imports (transformers' lazy modules: seconds)
+                importlib.import_module(module)
             if arg:
                 saved = os.dup(1), os.dup(2)
                 os.dup2(null, 1), os.dup2(null, 2)
