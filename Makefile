@@ -51,7 +51,7 @@ clean:
 # prints the counts. The default suite runs a CI-sized share of each (500 cases per reader, 10 kills per command).
 fuzz: $(STAMP)
 	LOWBIT_FUZZ_CASES=10000 $(PY) -m pytest -q -s tests/test_fuzz_readers.py tests/test_fuzz_regressions.py \
-	  tests/test_fuzz_checkpoints.py tests/test_gguf_fuzz.py \
+	  tests/test_fuzz_checkpoints.py tests/test_fuzz_atheris.py tests/test_gguf_fuzz.py \
 	  tests/test_gguf_import_fuzz.py -m "not slow or slow"
 	LOWBIT_KILLS=100 $(PY) -m pytest -q -s tests/test_crash_safety.py tests/test_crash_resume.py \
 	  tests/test_resume_gptq.py -m "not slow or slow"
