@@ -283,6 +283,9 @@ FIXED: list[Fixed] = [
     Fixed("adapter_lowbit", '"lora_alpha": a 400-digit integer', "OverflowError (alpha / r)", InvalidSpecError,
           "lora_alpha must be a finite number", _adapter("lowbit", 1, "adapter_config.json", _set("lora_alpha", RAW),
                                                          "9" * 400)),
+    Fixed("adapter_lowbit", '"lora_alpha": 1e300 (a QLoRA adapter)', "RuntimeError (torch.add's alpha overflows "
+          "float)", InvalidSpecError, "past float32's range", _adapter("lowbit", 0, "adapter_config.json",
+                                                                       _set("lora_alpha", 1e300))),
     Fixed("adapter_lowbit", '"target_modules": "["', "re.error", InvalidSpecError, "not a regular expression",
           _adapter("lowbit", 1, "adapter_config.json", _set("target_modules", "["))),
     Fixed("adapter_peft", 'prefix tuning "num_virtual_tokens": 2097152', "256 MB allocated for the prefix", ShapeError,

@@ -23,7 +23,7 @@ from torch import nn
 
 from lowbit.errors import InvalidSpecError, LowbitError
 from lowbit.peft.base import AdapterLayer, LayerAdapter, adapter_layers, check_rank
-from lowbit.peft.config import AdapterConfig
+from lowbit.peft.config import AdapterConfig, check_scaling
 from lowbit.peft.model import LayerMethod, register_method
 from lowbit.tensor import all_finite
 
@@ -77,6 +77,7 @@ class AdaLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         own = "AdaLoraConfig"
+        check_scaling(own, "lora_alpha", self.lora_alpha)
         for key in ("init_r", "target_r", "deltaT"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -180,6 +180,16 @@ def _from_json(cls: type, key: str, value: Any) -> Any:
     return conv(key, value) if conv is not None else value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_scaling(owner: str, key: str, value: Any) -> None:
+    """A LoRA-style ``alpha``: the layer multiplies its output by alpha / r in float32, so alpha must fit it."""
+    if finite_number(value) and abs(value) > FLOAT32_MAX:
+        raise InvalidSpecError(f"{owner}.{key} {value!r} is past float32's range (±{FLOAT32_MAX:.3g}); the layer "
+                               "scales its output by it")
+
+
 def check_positive(owner: str, **values: Any) -> None:
     for key, value in values.items():
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):

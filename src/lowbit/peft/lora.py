@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.errors import InvalidSpecError, LowbitError
 from lowbit.peft.base import AdapterLayer, LayerAdapter, check_rank, set_base_weight
-from lowbit.peft.config import AdapterConfig, check_positive, finite_number
+from lowbit.peft.config import AdapterConfig, check_positive, check_scaling, finite_number
 from lowbit.peft.model import LayerMethod, register_method
 
 
@@ -61,6 +61,7 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("LoraConfig", r=self.r, lora_alpha=self.lora_alpha)
+        check_scaling("LoraConfig", "lora_alpha", self.lora_alpha)
         if not isinstance(self.r, int):
             raise InvalidSpecError(f"LoraConfig.r must be an integer, got {self.r!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -86,6 +87,7 @@ class LoraConfig(AdapterConfig):
                 if not finite_number(value) or value <= 0 or not integer:
                     raise InvalidSpecError(f"LoraConfig.{what}[{key!r}] must be a positive "
                                            f"{'integer' if what == 'rank_pattern' else 'number'}, got {value!r}")
+                check_scaling("LoraConfig", f"{what}[{key!r}]", value)
 
     def rank_for(self, name: str) -> int:
         return _pattern_value(self.rank_pattern, name, self.r)
