@@ -3,8 +3,9 @@
 A fuzz test gives :func:`run_cases` a reader (``reader(path)`` reads one case) and a case maker
 (``make_case(rng, path) -> description`` writes one mutated copy of a real seed file or directory at
 ``path``). Every case must end in success or a :class:`lowbit.errors.LowbitError` within
-``CASE_SECONDS`` and ``CASE_BYTES`` of extra memory; anything else (another exception type, a case
-over the time or memory bound, a hang) is a failure, reported with the line that reproduces it.
+``CASE_SECONDS`` (the lesser of wall-clock and CPU time: see ``_Clock``) and ``CASE_BYTES`` of extra memory;
+anything else (another exception type, a case over the time or memory bound, a hang) is a failure, reported
+with the line that reproduces it.
 
 Memory is the case's peak resident set size over the resident size at its start: Linux resets the
 peak counter (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``, so every case gets its own
@@ -635,13 +636,26 @@ def bounded(seconds: float = CASE_SECONDS, limit: int = CASE_BYTES) -> Iterator[
     """Assert that the block (ending normally or by an exception) stays within the fuzz bounds of one case."""
     with _Memory() as memory:
         memory.start()
-        start = time.perf_counter()
+        clock = _Clock()
         try:
             yield
         finally:
-            elapsed, extra = time.perf_counter() - start, memory.extra()
+            elapsed, extra = clock.seconds(), memory.extra()
             assert elapsed < seconds, f"took {elapsed:.2f} s (bound {seconds} s)"
             assert extra < limit, f"{extra / 2**20:.0f} MB of extra memory ({memory.kind}; bound {limit >> 20} MB)"
+
+
+class _Clock:
+    """A case's time: the lesser of wall-clock and CPU time (all threads). A machine busy with other work (the
+    other xdist worker, a parallel build) stretches the wall clock but not the CPU a case spends; threads that
+    share the work stretch its CPU time but not the wall clock. A case waiting on nothing for seconds is caught
+    by the wall-clock hang guard (HANG_SECONDS) instead."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def seconds(self) -> float:
+        return min(time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 @contextmanager
@@ -734,7 +748,7 @@ def run_cases(reader: Callable[[Path], Any], make_case: Callable[[random.Random,
             how = make_case(rng, case_path)
             repro = f"{name} case {i}: LOWBIT_FUZZ_SEED={MASTER_SEED} LOWBIT_FUZZ_ONLY={i} ({how})"
             memory.start()
-            t0 = time.perf_counter()
+            clock = _Clock()
             problem = None
             error: Exception | None = None
             try:
@@ -745,7 +759,7 @@ def run_cases(reader: Callable[[Path], Any], make_case: Callable[[random.Random,
                     del result
             except Exception as exc:  # noqa: BLE001 - the point: nothing but LowbitError may escape
                 error = exc
-            elapsed = time.perf_counter() - t0
+            elapsed = clock.seconds()
             extra = memory.extra()
             if error is None:
                 report.ok += 1
