@@ -262,6 +262,8 @@ FIXED: list[Fixed] = [
                                     if "rank_pattern" in k and k.count("::") == 2])),
     Fixed("train_checkpoint", "state.json: step a string", "TypeError (range)", CorruptFileError, "step must be",
           _state_edit(0, lambda d: d.__setitem__("step", "2"))),
+    Fixed("train_checkpoint", "state.json: eval_loss removed (found at 10,000 cases)", "KeyError (the trainer's "
+          "resume)", CorruptFileError, "has no 'eval_loss'", _state_edit(1, lambda d: d.pop("eval_loss"))),
     # ---- GPTQ/AWQ block checkpoints (BlockCheckpoint.restore)
     Fixed("block_checkpoint", "state.json: a layer's spec without group_size / bits (the tensors no longer fit)",
           "KeyError 'scale' / ValueError (packed rows) in the kernel", CorruptFileError, "does not fit|expected",

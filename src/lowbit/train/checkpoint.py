@@ -166,7 +166,9 @@ def _check_state(state: dict[str, Any], where: Path) -> None:
     if not _real(elapsed) or not math.isfinite(elapsed) or elapsed < 0:
         raise bad("elapsed", "a number ≥ 0")
     for field in ("loss", "eval_loss"):
-        if state.get(field) is not None and not _real(state[field]):
+        if field not in state:
+            raise CorruptFileError(f"{where}: has no {field!r} (a number or null)")
+        if state[field] is not None and not _real(state[field]):
             raise bad(field, "a number or null")
     for field in ("config", "optimizer_scalars", "callbacks"):
         if field in state and not isinstance(state[field], dict):
